@@ -1,0 +1,34 @@
+# `make demo` and `make test` set up everything they need (virtualenv, pinned packages, the
+# compiled extension) and are cheap to re-run when nothing changed.
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CUDA kernels build when a toolkit matching torch's CUDA is found (FORCE_CUDA=1/0 forces).
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/include/cuda_runtime.h),/usr/local/cuda,)
+export TRITON_INTERPRET ?= 1
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+BENCH_QUICK := --benchmark-min-rounds=2 --benchmark-max-time=0.05 --benchmark-warmup=off --benchmark-disable-gc
+
+.PHONY: setup build test bench demo clean
+
+setup: $(VENV)/.installed build
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+build: $(VENV)/.installed
+	$(PY) setup.py -q build_ext --inplace
+
+test: setup
+	$(PYTEST) tests/ -q
+	$(PYTEST) bench/ -q $(BENCH_QUICK)
+
+bench: setup
+	$(PYTEST) bench/ -q --benchmark-columns=median,iqr,rounds --benchmark-json=bench/last_run.json
+
+demo: setup
+	$(PY) -m spottune_ext.demo
+
+clean:
+	rm -rf build spottune_ext/_C*.so spottune_ext/_build_info.py

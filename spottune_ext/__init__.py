@@ -1,0 +1,9 @@
+"""spottune_ext: SpotTune adaptive fine-tuning with route-grouped execution.
+
+Importing the package loads the compiled kernels (spottune_ext._C) and registers every op.
+"""
+from . import _ext  # noqa: F401  (must come first: loads the compiled ops)
+from . import backends, reference
+from .ops import gumbel_st
+
+__all__ = ["backends", "reference", "gumbel_st"]

@@ -1,0 +1,59 @@
+"""Which implementation runs each op: the one place where backends are chosen.
+
+Backends:
+  "torch"  : the pure-torch reference (spottune_ext.reference), any device;
+  "cpp"    : the compiled C++ kernels, CPU tensors;
+  "cuda"   : the compiled CUDA kernels, CUDA tensors (needs a CUDA build of the extension);
+  "triton" : the Triton kernels, CUDA tensors (or CPU tensors under TRITON_INTERPRET=1);
+  "auto"   : the fastest measured implementation for the tensor's device (see AUTO).
+"""
+import os
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+
+# Fastest measured backend per op and device type (bench/RESULTS.md). An op whose custom
+# kernel has not been measured faster than plain torch on a device keeps "torch" there.
+AUTO = {
+    "gumbel_st": {"cpu": "cpp", "cuda": "cuda"},
+}
+
+default_backend = "auto"
+
+
+def triton_available(device: torch.device) -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """Returns the concrete backend that runs `op` on `device`, or raises a clear error."""
+    if backend == "auto":
+        backend = default_backend
+    if backend == "auto":
+        table = AUTO.get(op, {})
+        if device.type not in table:
+            return "torch"
+        return table[device.type]
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"{op}: backend 'cpp' runs on CPU tensors, got a tensor on {device}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{op}: backend 'cuda' runs on CUDA tensors, got a tensor on {device}")
+        if not _ext.WITH_CUDA:
+            raise RuntimeError(f"{op}: spottune_ext was built without CUDA kernels; rebuild with FORCE_CUDA=1")
+    if backend == "triton" and not triton_available(device):
+        raise ValueError(
+            f"{op}: backend 'triton' needs triton and a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), "
+            f"got a tensor on {device}")
+    return backend

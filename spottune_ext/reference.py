@@ -1,0 +1,99 @@
+"""Pure-torch reference implementations of every spottune_ext op.
+
+They define the ops' semantics: the tests compare each kernel against them, the benchmarks use
+them as the plain-torch baseline, and the "torch" backend runs them. Each takes the same
+arguments and returns the same outputs as the op schema in csrc/spottune_ext.cpp.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+UNIFORM_EPS = 1e-7  # as kUniformEps in csrc/gumbel_st_math.h
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def philox_uniform(seed: int, n: int, device=None) -> torch.Tensor:
+    """The uniform stream of csrc/philox.h (= Triton's tl.rand(seed, arange(n))), float32 [n].
+
+    uint32 arithmetic in int64 tensors: products wrap modulo 2**64, which keeps both 32-bit halves exact.
+    """
+    seed &= (1 << 64) - 1
+    c0 = torch.arange(n, dtype=torch.int64, device=device)
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        p0 = c2 * _PHILOX_ROUND_B
+        p2 = c0 * _PHILOX_ROUND_A
+        c0, c1, c2, c3 = (
+            ((p0 >> 32) & _MASK32) ^ c1 ^ k0,
+            p0 & _MASK32,
+            ((p2 >> 32) & _MASK32) ^ c3 ^ k1,
+            p2 & _MASK32,
+        )
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # as int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * 4.6566127342e-10
+
+
+def gumbel_st(logits: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], tau: float,
+              sample: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through two-route Gumbel decision: (hard [B, L] in logits' dtype, soft [B, L]).
+
+    hard is exactly 0/1 and carries the gradient of soft = sigmoid((l1 - l0 + g) / tau), with g the
+    logistic noise log(u) - log(1 - u) (the difference of two Gumbel samples), or 0 when not sampling.
+    """
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    d = (logits[..., 1] - logits[..., 0]).to(acc)
+    if sample:
+        if noise is None:
+            noise = philox_uniform(int(seed), d.numel(), d.device).view_as(d)
+        u = noise.to(torch.float32).clamp(UNIFORM_EPS, 1 - UNIFORM_EPS).to(acc)
+        d = d + (torch.log(u) - torch.log1p(-u))
+    soft = torch.sigmoid(d / tau)
+    hard = (d > 0).to(acc)
+    return (hard + soft - soft.detach()).to(logits.dtype), soft
+
+
+def route_plan(decisions: torch.Tensor, chain: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stable partition of the batch per block: (order [L, B], dest [L, B], counts [L + 1])."""
+    d = decisions.t()
+    order = torch.argsort((d != 0).to(torch.int8), dim=1, stable=True)
+    counts = torch.cat([(d != 0).sum(1), ((d != 0) & (d != 1)).sum().view(1)])
+    if not chain or d.shape[0] < 2:
+        return order, order.clone(), counts
+    position = torch.argsort(order, dim=1)  # position[l, b] = row of image b in block l's order
+    dest = torch.cat([torch.gather(position[1:], 1, order[:-1]), order[-1:]])
+    return order, dest, counts
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """out[i] = x[index[i]], times (mask[index[i]] > 0) when a mask is given; memory format kept."""
+    out = x.index_select(0, index)
+    if mask is not None:
+        out = out * (mask.index_select(0, index) > 0)
+    return out.contiguous(memory_format=_memory_format(x))
+
+
+def combine_rows(src0: torch.Tensor, src1: torch.Tensor, dest: torch.Tensor, residual: Optional[torch.Tensor],
+                 relu: bool) -> torch.Tensor:
+    """out[dest[i]] = act(row i of cat(src0, src1) + residual[i]), act = ReLU or identity."""
+    rows = torch.cat([src0, src1])
+    if residual is not None:
+        rows = rows + residual
+    if relu:
+        rows = torch.relu(rows)
+    out = torch.empty_like(rows, memory_format=_memory_format(src0 if src0.shape[0] else src1))
+    return out.index_copy(0, dest, rows)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

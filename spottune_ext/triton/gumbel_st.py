@@ -1,0 +1,70 @@
+"""Triton kernels of spottune_ext::gumbel_st_triton and its backward."""
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+UNIFORM_EPS = 1e-7  # as kUniformEps in csrc/gumbel_st_math.h
+
+
+@triton.jit
+def _gumbel_st_kernel(logits_ptr, noise_ptr, seed_ptr, hard_ptr, soft_ptr, n, inv_tau,
+                      SAMPLE: tl.constexpr, USE_NOISE: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    l0 = tl.load(logits_ptr + 2 * offs, mask=mask, other=0.0).to(ACC)
+    l1 = tl.load(logits_ptr + 2 * offs + 1, mask=mask, other=0.0).to(ACC)
+    d = l1 - l0
+    if SAMPLE:
+        if USE_NOISE:
+            u = tl.load(noise_ptr + offs, mask=mask, other=0.5)
+        else:
+            u = tl.rand(tl.load(seed_ptr), offs)  # the Philox stream of csrc/philox.h
+        u = tl.minimum(tl.maximum(u, EPS), 1.0 - EPS).to(ACC)
+        d = d + (tl.log(u) - tl.log(1.0 - u))
+    soft = 1.0 / (1.0 + tl.exp(-d * inv_tau))
+    hard = tl.where(d > 0, 1.0, 0.0)
+    tl.store(hard_ptr + offs, hard.to(hard_ptr.dtype.element_ty), mask=mask)
+    tl.store(soft_ptr + offs, soft, mask=mask)
+
+
+@triton.jit
+def _gumbel_st_backward_kernel(grad_ptr, soft_ptr, out_ptr, n, inv_tau, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s = tl.load(soft_ptr + offs, mask=mask, other=0.0)
+    d1 = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC) * s * (1.0 - s) * inv_tau
+    tl.store(out_ptr + 2 * offs, (-d1).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + 2 * offs + 1, d1.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _acc(dtype: torch.dtype):
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def forward(logits, noise, seed, tau, sample):
+    x = logits.contiguous()
+    acc, tl_acc = _acc(x.dtype)
+    hard = torch.empty(x.shape[:2], dtype=x.dtype, device=x.device)
+    soft = torch.empty(x.shape[:2], dtype=acc, device=x.device)
+    n = hard.numel()
+    use_noise = sample and noise is not None
+    if not sample or use_noise:
+        seed = hard  # unused pointer argument
+    if n:
+        _gumbel_st_kernel[(triton.cdiv(n, BLOCK),)](
+            x, noise.contiguous() if use_noise else hard, seed, hard, soft, n, 1.0 / tau,
+            SAMPLE=sample, USE_NOISE=use_noise, ACC=tl_acc, EPS=UNIFORM_EPS, BLOCK=BLOCK)
+    return hard, soft
+
+
+def backward(grad, soft, tau):
+    g = grad.contiguous()
+    _, tl_acc = _acc(g.dtype)
+    out = torch.empty((*g.shape, 2), dtype=g.dtype, device=g.device)
+    n = g.numel()
+    if n:
+        _gumbel_st_backward_kernel[(triton.cdiv(n, BLOCK),)](g, soft.contiguous(), out, n, 1.0 / tau, ACC=tl_acc,
+                                                              BLOCK=BLOCK)
+    return out
