@@ -7,21 +7,26 @@
 
 namespace spottune_ext {
 
-// Keeps log(u) and log(1 - u) finite in float32.
+// Keeps log(u / (1 - u)) finite in float32.
 constexpr float kUniformEps = 1e-7f;
 
+// log(u) - log(1 - u) with one logarithm.
 template <typename acc_t>
 SPOTTUNE_HOST_DEVICE acc_t logistic_noise(float u) {
   const acc_t v = static_cast<acc_t>(fminf(fmaxf(u, kUniformEps), 1.0f - kUniformEps));
-  return log(v) - log1p(-v);
+  return log(v / (acc_t(1) - v));
 }
 
 // Writes the hard decision (exactly 0 or 1) and the relaxed one, sigmoid(d / tau).
 template <typename acc_t>
 SPOTTUNE_HOST_DEVICE void gumbel_decision(acc_t l0, acc_t l1, acc_t noise, acc_t inv_tau, acc_t* hard, acc_t* soft) {
   const acc_t d = (l1 - l0) + noise;
-  *hard = d > acc_t(0) ? acc_t(1) : acc_t(0);
-  *soft = acc_t(1) / (acc_t(1) + exp(-d * inv_tau));
+  *hard = static_cast<acc_t>(d > acc_t(0));
+  // Stable sigmoid: exp never overflows, even for logits of +-1e4 at a small tau.
+  const acc_t x = d * inv_tau;
+  const acc_t e = exp(-fabs(x));
+  const acc_t r = acc_t(1) / (acc_t(1) + e);
+  *soft = x >= acc_t(0) ? r : e * r;
 }
 
 }  // namespace spottune_ext

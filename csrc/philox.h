@@ -1,5 +1,6 @@
-// Philox4x32-10 keyed by a 64-bit seed, counter (offset, 0, 0, 0): the same stream as Triton's
-// tl.rand(seed, offset), so the C++, CUDA and Triton kernels draw identical noise.
+// Philox4x32-10 keyed by a 64-bit seed with counter (c, 0, 0, 0), as Triton's tl.randint4x(seed, c).
+// Decision i takes word i % 4 of counter i / 4, so one Philox evaluation serves four decisions,
+// and the C++, CUDA and Triton kernels (and the torch reference) draw identical noise.
 #pragma once
 #include <cstdint>
 
@@ -15,9 +16,8 @@ SPOTTUNE_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-// Uniform float in [0, 1) from the first Philox word, as Triton's uint_to_uniform_float.
-SPOTTUNE_HOST_DEVICE float philox_uniform(int64_t seed, uint32_t offset) {
-  uint32_t c0 = offset, c1 = 0, c2 = 0, c3 = 0;
+SPOTTUNE_HOST_DEVICE void philox4(int64_t seed, uint32_t counter, uint32_t out[4]) {
+  uint32_t c0 = counter, c1 = 0, c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffu);
   uint32_t k1 = static_cast<uint32_t>((static_cast<uint64_t>(seed) >> 32) & 0xffffffffu);
   for (int round = 0; round < 10; ++round) {
@@ -29,9 +29,23 @@ SPOTTUNE_HOST_DEVICE float philox_uniform(int64_t seed, uint32_t offset) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  int32_t x = static_cast<int32_t>(c0);
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+// Uniform float in [0, 1) from a Philox word, as Triton's uint_to_uniform_float.
+SPOTTUNE_HOST_DEVICE float uint_to_uniform(uint32_t word) {
+  int32_t x = static_cast<int32_t>(word);
   if (x < 0) x = ~x;
   return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+SPOTTUNE_HOST_DEVICE float philox_uniform(int64_t seed, int64_t i) {
+  uint32_t words[4];
+  philox4(seed, static_cast<uint32_t>(i >> 2), words);
+  return uint_to_uniform(words[i & 3]);
 }
 
 }  // namespace spottune_ext

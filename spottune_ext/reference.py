@@ -16,12 +16,13 @@ _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 
 
 def philox_uniform(seed: int, n: int, device=None) -> torch.Tensor:
-    """The uniform stream of csrc/philox.h (= Triton's tl.rand(seed, arange(n))), float32 [n].
+    """The uniform stream of csrc/philox.h, float32 [n]: value i is word i % 4 of Philox4x32-10
+    at counter (i // 4, 0, 0, 0), as Triton's tl.randint4x(seed, i // 4).
 
     uint32 arithmetic in int64 tensors: products wrap modulo 2**64, which keeps both 32-bit halves exact.
     """
     seed &= (1 << 64) - 1
-    c0 = torch.arange(n, dtype=torch.int64, device=device)
+    c0 = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -37,7 +38,8 @@ def philox_uniform(seed: int, n: int, device=None) -> torch.Tensor:
         )
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # as int32
+    words = torch.stack([c0, c1, c2, c3], dim=1).flatten()[:n]
+    x = torch.where(words >= 2**31, words - 2**32, words)  # as int32
     x = torch.where(x < 0, -x - 1, x)
     return x.to(torch.float32) * 4.6566127342e-10
 
@@ -47,7 +49,7 @@ def gumbel_st(logits: torch.Tensor, noise: Optional[torch.Tensor], seed: Optiona
     """Straight-through two-route Gumbel decision: (hard [B, L] in logits' dtype, soft [B, L]).
 
     hard is exactly 0/1 and carries the gradient of soft = sigmoid((l1 - l0 + g) / tau), with g the
-    logistic noise log(u) - log(1 - u) (the difference of two Gumbel samples), or 0 when not sampling.
+    logistic noise log(u / (1 - u)) (the difference of two Gumbel samples), or 0 when not sampling.
     """
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     d = (logits[..., 1] - logits[..., 0]).to(acc)
@@ -55,10 +57,11 @@ def gumbel_st(logits: torch.Tensor, noise: Optional[torch.Tensor], seed: Optiona
         if noise is None:
             noise = philox_uniform(int(seed), d.numel(), d.device).view_as(d)
         u = noise.to(torch.float32).clamp(UNIFORM_EPS, 1 - UNIFORM_EPS).to(acc)
-        d = d + (torch.log(u) - torch.log1p(-u))
+        d = d + torch.log(u / (1 - u))
     soft = torch.sigmoid(d / tau)
     hard = (d > 0).to(acc)
-    return (hard + soft - soft.detach()).to(logits.dtype), soft
+    # hard + (soft - soft) is exactly hard; (hard + soft) - soft is not always.
+    return (hard + (soft - soft.detach())).to(logits.dtype), soft
 
 
 def route_plan(decisions: torch.Tensor, chain: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

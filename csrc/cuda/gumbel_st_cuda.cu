@@ -24,7 +24,7 @@ __global__ void gumbel_st_kernel(const scalar_t* __restrict__ logits, const floa
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   acc_t g = 0;
-  if (sample) g = logistic_noise<acc_t>(noise ? noise[i] : philox_uniform(*seed, static_cast<uint32_t>(i)));
+  if (sample) g = logistic_noise<acc_t>(noise ? noise[i] : philox_uniform(*seed, i));
   acc_t h;
   gumbel_decision<acc_t>(logits[2 * i], logits[2 * i + 1], g, inv_tau, &h, &soft[i]);
   hard[i] = static_cast<scalar_t>(h);

@@ -13,6 +13,7 @@ _library.define_triton_variant("gumbel_st", triton_gumbel_st.forward)
 _library.define_triton_variant("gumbel_st_backward", triton_gumbel_st.backward)
 
 _OPS = {
+    "torch": (reference.gumbel_st, None),
     "cpp": (_library.op("gumbel_st"), _library.op("gumbel_st_backward")),
     "cuda": (_library.op("gumbel_st"), _library.op("gumbel_st_backward")),
     "triton": (_library.op("gumbel_st_triton"), _library.op("gumbel_st_backward_triton")),
@@ -73,7 +74,7 @@ def gumbel_st(logits: torch.Tensor, tau: float = 1.0, *, sample: bool = True, no
         tau: softmax temperature of the relaxation, > 0.
         sample: add Gumbel noise (training); False takes the argmax (deterministic evaluation).
         noise: optional uniform samples [B, L] (float32, in (0, 1)) used instead of drawing noise,
-            for exact comparisons; the logistic noise is log(u) - log(1 - u).
+            for exact comparisons; the logistic noise is log(u / (1 - u)).
         generator: the generator the noise seed is drawn from (default: the global one on logits'
             device, so torch.manual_seed makes runs reproducible).
         backend: "auto", "torch", "cpp", "cuda" or "triton" (see spottune_ext.backends).
@@ -83,10 +84,16 @@ def gumbel_st(logits: torch.Tensor, tau: float = 1.0, *, sample: bool = True, no
         sigmoid((l1 - l0 + g) / tau), the two-route softmax relaxation (straight-through).
     """
     _check(logits, tau, noise)
+    backend = backends.resolve("gumbel_st", backend, logits.device)
     seed = None
     if sample and noise is None:
-        seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=logits.device, generator=generator)
-    impl = backends.resolve("gumbel_st", backend, logits.device)
-    if impl == "torch":
-        return reference.gumbel_st(logits, noise, seed, float(tau), sample)[0]
-    return _OPS[impl][0](logits, noise, seed, float(tau), sample)[0]
+        if backend == "torch":  # plain torch draws its uniforms directly
+            noise = torch.rand(logits.shape[:2], device=logits.device, generator=generator)
+        else:  # the kernels key their own Philox stream with a seed from torch's generator
+            seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=logits.device, generator=generator)
+    return _OPS[backend][0](logits, noise, seed, float(tau), sample)[0]
+
+
+def gumbel_st_impl(backend: str):
+    """The raw op of a concrete backend: (logits, noise, seed, tau, sample) -> (hard, soft)."""
+    return _OPS[backend][0]

@@ -20,10 +20,16 @@ def _gumbel_st_kernel(logits_ptr, noise_ptr, seed_ptr, hard_ptr, soft_ptr, n, in
         if USE_NOISE:
             u = tl.load(noise_ptr + offs, mask=mask, other=0.5)
         else:
-            u = tl.rand(tl.load(seed_ptr), offs)  # the Philox stream of csrc/philox.h
+            # The Philox stream of csrc/philox.h: word offs % 4 of counter offs // 4.
+            c0, c1, c2, c3 = tl.randint4x(tl.load(seed_ptr), offs // 4)
+            k = offs % 4
+            word = tl.where(k == 0, c0, tl.where(k == 1, c1, tl.where(k == 2, c2, c3)))
+            u = tl.random.uint_to_uniform_float(word)
         u = tl.minimum(tl.maximum(u, EPS), 1.0 - EPS).to(ACC)
-        d = d + (tl.log(u) - tl.log(1.0 - u))
-    soft = 1.0 / (1.0 + tl.exp(-d * inv_tau))
+        d = d + tl.log(u / (1.0 - u))
+    x = d * inv_tau
+    e = tl.exp(-tl.abs(x))  # stable sigmoid: exp never overflows
+    soft = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     hard = tl.where(d > 0, 1.0, 0.0)
     tl.store(hard_ptr + offs, hard.to(hard_ptr.dtype.element_ty), mask=mask)
     tl.store(soft_ptr + offs, soft, mask=mask)
