@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps animal-mnist==0.4
-	test -d /usr/share/datasets/fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
+	test -d /usr/share/datasets/fashion-mnist || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; }
 	touch $@
 
 build: $(VENV)/.installed
