@@ -8,7 +8,7 @@ export TRITON_INTERPRET ?= 1
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 BENCH_QUICK := --benchmark-min-rounds=2 --benchmark-max-time=0.05 --benchmark-warmup=off --benchmark-disable-gc
 
-.PHONY: setup build test bench demo clean
+.PHONY: setup build test bench demo cmake-check clean
 
 setup: $(VENV)/.installed build
 
@@ -31,8 +31,16 @@ test: setup
 bench: setup
 	$(PYTEST) bench/ -q --benchmark-columns=median,iqr,rounds --benchmark-json=bench/last_run.json
 
+# The C++ library for libtorch users (CMakeLists.txt), CPU kernels; a torch with CUDA support
+# needs its toolkit found by CMake even then (nvrtc ships in the nvidia wheels).
+cmake-check: $(VENV)/.installed
+	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release $$($(PY) tools/cmake_torch_args.py)
+	cmake --build cmake-build -j2
+	$(PY) -c "import torch; torch.ops.load_library('cmake-build/libspottune_ext.so'); \
+	  print('cmake library ops:', torch.ops.spottune_ext.gumbel_st(torch.zeros(1, 1, 2), None, None, 1.0, False)[0].shape)"
+
 demo: setup
 	$(PY) -m spottune_ext.demo
 
 clean:
-	rm -rf build spottune_ext/_C*.so spottune_ext/_build_info.py
+	rm -rf build cmake-build spottune_ext/_C*.so spottune_ext/_build_info.py

@@ -2,16 +2,7 @@
 // kernels in csrc/cuda/; each registers itself for its dispatch key with TORCH_LIBRARY_IMPL.
 // The Python layer (spottune_ext/ops/) adds fake and autograd registrations, and the Triton
 // variants (name suffix "_triton") copy these schemas at import time.
-#include <Python.h>
 #include <torch/library.h>
-
-extern "C" {
-// Lets `import spottune_ext._C` load this library (and run the registrations below).
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(spottune_ext, m) {
   // Straight-through Gumbel decision for two routes. logits [B, L, 2]; noise: optional uniform
