@@ -37,6 +37,7 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(backward_op):
     def backward(ctx, grad_hard, grad_soft):
+        # Both outputs carry the relaxation's gradient: hard by straight-through, soft as itself.
         (soft,) = ctx.saved_tensors
         grad = grad_hard if grad_soft is None else grad_hard + grad_soft.to(grad_hard.dtype)
         return backward_op(grad, soft, ctx.tau), None, None, None, None
@@ -45,7 +46,7 @@ def _make_backward(backward_op):
 
 _library.register_fake(["gumbel_st", "gumbel_st_triton"], _fake)
 _library.register_fake(["gumbel_st_backward", "gumbel_st_backward_triton"], _fake_backward)
-_library.register_autograd(["gumbel_st"], _make_backward(_OPS["cpp"][1]), _setup_context)
+# The compiled op's autograd is registered in C++ (csrc/gumbel_st_autograd.cpp).
 _library.register_autograd(["gumbel_st_triton"], _make_backward(_OPS["triton"][1]), _setup_context)
 
 
