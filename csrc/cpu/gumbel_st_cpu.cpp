@@ -29,7 +29,8 @@ namespace {
 
 // Multiple of 4 (one Philox evaluation serves four decisions) and of the vector width.
 constexpr int64_t kChunk = 256;
-constexpr int64_t kGrain = 1024;
+// Threads pay off only for large batches: waking them costs more than a few thousand decisions.
+constexpr int64_t kGrain = 32768;
 
 // soft[k] = sigmoid(d[k] * inv_tau) and hard[k] = d[k] > 0 for one chunk, d already holding l1 - l0 + noise.
 void relax_scalar(const float* d, int64_t n, float inv_tau, float* hard, float* soft) {

@@ -1,0 +1,75 @@
+"""Turns a pytest-benchmark JSON run into the markdown of bench/RESULTS.md.
+
+    python bench/report.py bench/last_run.json [--out bench/RESULTS.md] [--title "CPU, 2 cores"]
+
+Every number in the output comes from the run. Each benchmark carries in extra_info its
+implementation name ("impl") and the group's baseline ("baseline"); a benchmark may also declare
+targets: extra_info["targets"] = [{"vs": impl, "max_ratio": r}, ...] (time ratio to the other
+implementation's median in the same group), which the report marks met or missed.
+"""
+import argparse
+import datetime
+import json
+import os
+from collections import defaultdict
+
+
+def _fmt_time(seconds):
+    for unit, scale in (("s", 1.0), ("ms", 1e3), ("us", 1e6)):
+        if seconds * scale >= 1.0 or unit == "us":
+            return f"{seconds * scale:.3g} {unit}"
+
+
+def render(run, title):
+    machine = run.get("machine_info", {})
+    cpu = machine.get("cpu", {}).get("brand_raw", "unknown CPU")
+    stamp = run.get("datetime", datetime.datetime.now(datetime.timezone.utc).isoformat())[:19].replace("T", " ")
+    groups = defaultdict(list)
+    for bench in run["benchmarks"]:
+        groups[bench["group"] or bench["name"]].append(bench)
+
+    lines = [f"## {title}", "", f"Run {stamp} UTC on {cpu} ({machine.get('system', '')} "
+             f"{machine.get('release', '')}), Python {machine.get('python_version', '')}.", ""]
+    target_lines = []
+    for group in sorted(groups):
+        benches = groups[group]
+        medians = {b["extra_info"].get("impl", b["name"]): b["stats"]["median"] for b in benches}
+        baseline = benches[0]["extra_info"].get("baseline")
+        lines += [f"### {group}", "", f"| implementation | median | IQR | rounds | vs {baseline} |", "|---|---|---|---|---|"]
+        for b in sorted(benches, key=lambda b: b["stats"]["median"]):
+            impl = b["extra_info"].get("impl", b["name"])
+            ratio = f"{b['stats']['median'] / medians[baseline]:.3f}x" if baseline in medians else "-"
+            lines.append(f"| {impl} | {_fmt_time(b['stats']['median'])} | {_fmt_time(b['stats']['iqr'])} | "
+                         f"{b['stats']['rounds']} | {ratio} |")
+            for target in b["extra_info"].get("targets", []):
+                if target["vs"] not in medians:
+                    continue
+                ratio_t = b["stats"]["median"] / medians[target["vs"]]
+                verdict = "met" if ratio_t <= target["max_ratio"] else "MISSED"
+                target_lines.append(f"- {group}: {impl} / {target['vs']} = {ratio_t:.3f} "
+                                    f"(target <= {target['max_ratio']}): {verdict}")
+        lines.append("")
+    if target_lines:
+        lines += ["### Targets", ""] + target_lines + [""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("--title", default="Benchmarks")
+    parser.add_argument("--out", help="write here instead of printing")
+    args = parser.parse_args()
+    with open(args.json) as f:
+        text = render(json.load(f), args.title)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.out)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
