@@ -4,7 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CUDA kernels build when a toolkit matching torch's CUDA is found (FORCE_CUDA=1/0 forces).
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/include/cuda_runtime.h),/usr/local/cuda,)
-export TRITON_INTERPRET ?= 1
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 BENCH_QUICK := --benchmark-min-rounds=2 --benchmark-max-time=0.05 --benchmark-warmup=off --benchmark-disable-gc
 

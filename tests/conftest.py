@@ -3,15 +3,16 @@ import os
 import pytest
 import torch
 
-# Triton kernels run on CPU tensors through the interpreter; it must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 HAS_CUDA = torch.cuda.is_available()
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter (set before triton loads).
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def backend_devices():
     """(backend, device) pairs this machine can run."""
-    pairs = [("torch", "cpu"), ("cpp", "cpu"), ("triton", "cpu")]
+    pairs = [("torch", "cpu"), ("cpp", "cpu")] + ([("triton", "cpu")] if INTERPRET else [])
     if HAS_CUDA:
         pairs += [("torch", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
     return pairs

@@ -8,9 +8,8 @@ from spottune_ext import reference
 from conftest import backend_devices
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-OPS = [("gumbel_st", "cpu"), ("gumbel_st_triton", "cpu")]
-if torch.cuda.is_available():
-    OPS += [("gumbel_st", "cuda"), ("gumbel_st_triton", "cuda")]
+KERNELS = [pair for pair in backend_devices() if pair[0] != "torch"]
+KERNEL_IDS = [f"{b}-{d}" for b, d in KERNELS]
 
 
 def _inputs(b, l, dtype=torch.float32, device="cpu", seed=0, scale=2.0):
@@ -62,10 +61,10 @@ def test_low_precision_gradient_close_to_float32(backend_device, dtype):
     torch.testing.assert_close(x.grad.float(), r.grad, rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("sample", [True, False])
-def test_gradcheck_float64(backend, sample):
-    logits, noise = _inputs(6, 5, dtype=torch.float64, seed=3)
+def test_gradcheck_float64(backend, device, sample):
+    logits, noise = _inputs(6, 5, dtype=torch.float64, device=device, seed=3)
     logits.requires_grad_()
     op = spottune_ext.ops.gumbel_st_impl(backend)
 
@@ -75,29 +74,31 @@ def test_gradcheck_float64(backend, sample):
     assert torch.autograd.gradcheck(relaxed, (logits,), eps=1e-6, atol=1e-8)
 
     # The hard output carries exactly the gradient of the relaxed one (straight-through).
-    upstream = torch.randn(6, 5, dtype=torch.float64)
+    upstream = torch.randn(6, 5, dtype=torch.float64, device=device)
     g_hard, = torch.autograd.grad((op(logits, noise, None, 1.5, sample)[0] * upstream).sum(), logits)
     g_soft, = torch.autograd.grad((relaxed(logits) * upstream).sum(), logits)
     torch.testing.assert_close(g_hard, g_soft, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name,device", OPS)
+@pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-def test_opcheck(name, device, dtype):
-    op = getattr(torch.ops.spottune_ext, name)
+def test_opcheck(backend, device, dtype):
+    op = spottune_ext.ops.gumbel_st_impl(backend)
     logits, noise = _inputs(8, 4, dtype=dtype, device=device, seed=4)
     seed = torch.tensor(1234, device=device)
     for args in [(logits, noise, None, 2.0, True), (logits, None, seed, 2.0, True), (logits, None, None, 2.0, False)]:
         torch.library.opcheck(op, (args[0].clone().requires_grad_(), *args[1:]))
 
 
-def test_seeded_stream_is_the_same_on_every_backend():
-    logits, _ = _inputs(64, 33, seed=5)
-    seed = torch.tensor(-987654321987)
-    hard = {b: spottune_ext.ops.gumbel_st_impl(b)(logits, None, seed, 1.0, True) for b in ("torch", "cpp", "triton")}
-    for b in ("cpp", "triton"):
-        assert torch.equal(hard[b][0], hard["torch"][0]), b
-        torch.testing.assert_close(hard[b][1], hard["torch"][1].detach(), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
+def test_seeded_stream_is_the_same_on_every_backend(backend, device):
+    # The kernels' Philox stream is the reference's, bit for bit, so the decisions agree exactly.
+    logits, _ = _inputs(64, 33, device=device, seed=5)
+    seed = torch.tensor(-987654321987, device=device)
+    got = spottune_ext.ops.gumbel_st_impl(backend)(logits, None, seed, 1.0, True)
+    want = reference.gumbel_st(logits, None, seed, 1.0, True)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1].detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_same_decisions(backend_device):
@@ -116,12 +117,12 @@ def test_same_seed_same_decisions(backend_device):
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-def test_sampling_frequency_matches_softmax(backend):
+def test_sampling_frequency_matches_softmax(backend_device):
     # P(I = 1) = softmax(logits)[1] = sigmoid(l1 - l0), whatever the temperature.
-    gaps = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0])
+    backend, device = backend_device
+    gaps = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0], device=device)
     n = 100_000
-    logits = torch.zeros(n, len(gaps), 2)
+    logits = torch.zeros(n, len(gaps), 2, device=device)
     logits[..., 1] = gaps
     torch.manual_seed(7)
     freq = spottune_ext.gumbel_st(logits, 5.0, backend=backend).mean(0)
