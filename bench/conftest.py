@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -12,3 +13,10 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 def synchronize():
     if HAS_CUDA:
         torch.cuda.synchronize()
+
+
+def pytest_collect_file(file_path, parent):
+    """Collects the benchmark files (bench_*.py) when pytest is pointed at bench/."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
