@@ -61,9 +61,9 @@ def assert_rows_equal(out, ref, backend, device, arithmetic):
     if backend == "triton" and device == "cpu" and out.dtype == torch.bfloat16 and arithmetic:
         # The Triton interpreter truncates float32 -> bfloat16 where compiled Triton and torch round
         # to nearest even: allow one bfloat16 ulp there only.
-        torch.testing.assert_close(out, ref, rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(out, ref, rtol=2 ** -7, atol=0, equal_nan=True)
     else:
-        assert torch.equal(out, ref)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)  # exact (NaN == NaN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +205,45 @@ def test_combine_rows_relu_keeps_nan(backend, device):
     src = torch.tensor([[float("nan"), -1.0], [2.0, -0.0]], device=device)
     out = se.combine_rows(src[:1], src[1:], torch.tensor([1, 0], device=device), relu=True, backend=backend)
     assert out[1, 0].isnan() and torch.equal(out[0], torch.tensor([2.0, 0.0], device=device)) and out[1, 1] == 0
+
+
+SPECIAL = [float("inf"), -float("inf"), float("nan"), -0.0, 0.0, 1e-40, -1e-40, 6e4, -6e4, 3e38, -3e38, 1.0, -1.0]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy sees the overflows
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values(backend, device, dtype):
+    """inf, NaN, signed zeros, subnormals and overflowing sums behave as in torch, in every dtype."""
+    values = torch.tensor(SPECIAL)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        values = values[values.abs() != 1e-40]  # the Triton interpreter flushes bfloat16 subnormals to 0
+    n = len(values)
+    a = values.repeat(n).view(n, n).to(dtype=dtype, device=device)  # a[i, j] = SPECIAL[j]
+    b = values.repeat_interleave(n).view(n, n).to(dtype=dtype, device=device)  # b[i, j] = SPECIAL[i]
+    index = perm(n, device, seed=5)
+    for mask in (None, b):
+        assert_rows_equal(se.gather_rows(a, index, mask, backend=backend), reference.gather_rows(a, index, mask),
+                          backend, device, arithmetic=False)
+    for residual in (None, b):
+        for relu in (False, True):
+            out = se.combine_rows(a[:4], a[4:], index, residual, relu, backend=backend)
+            assert_rows_equal(out, reference.combine_rows(a[:4], a[4:], index, residual, relu), backend, device,
+                              arithmetic=residual is not None)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_long_rows(backend, device, dtype):
+    """Samples longer than a CPU work chunk or a Triton block, of a length that divides neither."""
+    x = make((3, 70001), dtype, device, seed=1)
+    mask = make((3, 70001), dtype, device, seed=2)
+    index = perm(3, device, seed=3)
+    assert_rows_equal(se.gather_rows(x, index, mask, backend=backend), reference.gather_rows(x, index, mask),
+                      backend, device, arithmetic=False)
+    out = se.combine_rows(x[:1], x[1:], index, mask, True, backend=backend)
+    assert_rows_equal(out, reference.combine_rows(x[:1], x[1:], index, mask, True), backend, device,
+                      arithmetic=True)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
