@@ -299,6 +299,17 @@ def test_batch_of_one(backend, device):
     assert plan.counts == [1, 1, 1] and plan.order.tolist() == plan.dest.tolist() == [[0], [0], [0]]
 
 
+def test_auto_backend_matches_reference():
+    d = decisions_for(8, 3, "random")
+    plan = se.route_plan(d, chain=True)
+    order, dest, counts = reference.route_plan(d, True)
+    assert torch.equal(plan.order, order) and torch.equal(plan.dest, dest) and plan.counts == counts[:3].tolist()
+    x = make((8, 3, 2, 2), layout="channels_last")
+    assert torch.equal(se.gather_rows(x, order[0], x), reference.gather_rows(x, order[0], x))
+    out = se.combine_rows(x[:5], x[5:], dest[0], x, True)
+    assert torch.equal(out, reference.combine_rows(x[:5], x[5:], dest[0], x, True))
+
+
 # ----------------------------------------------------------------------------------------------
 # gradients
 
