@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import routed
 from . import families
-from .policy import RESNET26_POLICY_WIDTHS, RESNET50_POLICY_WIDTHS, PolicyNet
+from .policy import PolicyNet
 from .strategies import Strategy, get_strategy
 
 AdaptiveBlocks = Union[None, Sequence[int], Callable[[int, str], bool]]
@@ -137,8 +137,9 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
         model: a torchvision ResNet (resnet18 ... resnet152, wide_resnet*, resnext*), a torchvision
             MobileNetV2 or a spottune_ext resnet26; anything else raises a TypeError listing these.
         num_classes: replace the classifier by a new nn.Linear with this many outputs (None keeps it).
-        policy: for strategies with a learned policy: None (the paper's policy: 64/128/256/512 blocks,
-            64/128/256 for resnet26), a dict of PolicyNet arguments (e.g. {"input_size": 112}), or a PolicyNet.
+        policy: for strategies with a learned policy: None (the paper's policy: blocks of 64/128/256/512
+            channels for ResNets, 64/128/256 for resnet26; 32/64/128 for MobileNetV2), a dict of PolicyNet
+            arguments (e.g. {"input_size": 112}), or a PolicyNet.
         adaptive_blocks: the blocks the strategy may fine-tune, as indices into the backbone's blocks
             in forward order, or a predicate f(index, name) -> bool; the others stay frozen. None = all.
             The paper's Visual Decathlon setting is range(4, 12) on resnet26 (first stage frozen).
@@ -248,8 +249,7 @@ def _make_policy(policy, num_routed: int, tau: Optional[float], family: families
         if "tau" in kwargs:
             raise ValueError("tau given twice (argument and policy dict)")
         kwargs["tau"] = tau
-    widths = RESNET26_POLICY_WIDTHS if family.name == "resnet26" else RESNET50_POLICY_WIDTHS
-    kwargs.setdefault("widths", widths)
+    kwargs.setdefault("widths", family.policy_widths)
     return PolicyNet(**kwargs)
 
 
