@@ -4,13 +4,15 @@ Importing the package loads the compiled kernels (spottune_ext._C) and registers
 """
 from . import _ext  # noqa: F401  (must come first: loads the compiled ops)
 from . import backends, reference
-from .ops import gumbel_st
+from .ops import RoutePlan, combine_rows, gather_rows, gumbel_st, route_plan
+from .routed import RoutedBasicBlock, RoutedBottleneck, RoutedInvertedResidual, run_blocks
 from .models import (MOBILENET_V2_OFFLINE, STRATEGIES, DecathlonResNet, PolicyNet, SpotTuneModel, Strategy, convert,
                      entropy_loss, export_global, get_strategy, global_k_loss, global_k_objective, load_checkpoint,
                      load_weights, mobilenet_v2_offline_file, parameter_counts, read_weights, resnet26,
                      save_checkpoint, usage_fraction, weights_file)
 
-__all__ = ["backends", "reference", "gumbel_st",
+__all__ = ["backends", "reference", "gumbel_st", "route_plan", "RoutePlan", "gather_rows", "combine_rows",
+           "RoutedBasicBlock", "RoutedBottleneck", "RoutedInvertedResidual", "run_blocks",
            "convert", "export_global", "SpotTuneModel", "parameter_counts", "resnet26", "DecathlonResNet", "PolicyNet",
            "usage_fraction", "global_k_loss", "entropy_loss", "global_k_objective", "STRATEGIES", "Strategy",
            "get_strategy", "save_checkpoint", "load_checkpoint", "load_weights", "read_weights", "weights_file",
