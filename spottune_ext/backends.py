@@ -44,10 +44,9 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = default_backend
     if backend == "auto":
-        table = AUTO.get(op, {})
-        if device.type not in table:
-            return "torch"
-        return table[device.type]
+        # The choice is checked like an explicit one: a build without CUDA kernels gets the
+        # rebuild message on CUDA tensors, not a dispatcher error.
+        backend = AUTO.get(op, {}).get(device.type, "torch")
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}")
     if backend == "cpp" and device.type != "cpu":
