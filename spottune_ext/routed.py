@@ -10,7 +10,7 @@ final ReLU included. With every decision 0 the output is bit for bit that of the
 Execution (``execution``, settable at any time):
 
 * ``"grouped"`` (default): the batch is split by route (spottune_ext.route_plan), the input rows are
-  permuted once (gather_rows) so that each copy runs on a contiguous sub-batch (a narrow view, no
+  permuted once (gather_rows) so that each copy runs on a contiguous sub-batch (a view, no
   copy), and both results are written back with one combine_rows, which also does the identity
   shortcut's add and the final ReLU. Without autograd each image is computed once, through its
   chosen copy only; when every image takes one route the block runs that copy directly.
@@ -119,10 +119,11 @@ class _DecisionGradient(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        out, x_perm, order, dest = ctx.saved_tensors
+        out, x_perm, order, dest = ctx.saved_tensors  # (once_differentiable: this runs under no_grad)
         other = ctx.block._routes(x_perm, ctx.n_frozen, dest, swap=True, update_stats=False, keep_empty=False)
-        acc = torch.promote_types(grad.dtype, torch.float32)
-        dots = (grad.to(acc) * (out.to(acc) - other.to(acc))).sum(dim=tuple(range(1, grad.dim())))
+        other = other.to(torch.promote_types(grad.dtype, torch.float32))  # accumulate in fp32 or fp64
+        diff = torch.sub(out.to(other.dtype), other, out=other)  # y - other, over other's buffer
+        dots = diff.mul_(grad).sum(dim=tuple(range(1, grad.dim())))
         row_dots = dots.index_select(0, dest)  # row i of the routed order, image order[i]
         row_dots[:ctx.n_frozen].neg_()  # frozen-routed images: y - other = F(x) - F^(x)
         grad_decision = torch.zeros_like(row_dots).index_copy_(0, order, row_dots)
@@ -219,7 +220,9 @@ class RoutedBlock(nn.Module):
         """Rows [0, n_frozen) through the frozen copy and the rest through the tuned one (the other way
         round with swap), written to rows dest of the result by one combine_rows."""
         copies = (self.tuned, self.frozen) if swap else (self.frozen, self.tuned)
-        parts = (x_perm.narrow(0, 0, n_frozen), x_perm.narrow(0, n_frozen, x_perm.shape[0] - n_frozen))
+        # split, not narrow: its backward concatenates the two gradients instead of zero-filling
+        # and adding two batch-sized tensors.
+        parts = x_perm.split([n_frozen, x_perm.shape[0] - n_frozen])
         keep_empty = keep_empty or x_perm.shape[0] == 0
         out0, out1 = (self._branch(c, part, update_stats) if part.shape[0] or keep_empty else None
                       for c, part in zip(copies, parts))
