@@ -31,8 +31,9 @@ test: setup
 bench: setup
 	$(PYTEST) bench/ -q --benchmark-columns=median,iqr,rounds --benchmark-json=bench/last_run.json
 
+# Passive OpenMP waiting: on a shared machine, spinning threads slow training down many times.
 demo: setup
-	$(PY) -m spottune_ext.demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m spottune_ext.demo
 
 clean:
 	rm -rf build spottune_ext/_C*.so spottune_ext/_build_info.py
