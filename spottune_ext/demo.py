@@ -26,34 +26,43 @@ import torch
 from . import train
 from .models import MOBILENET_V2_OFFLINE, load_checkpoint, parameter_counts
 from .models.checkpoint import build_model, model_config
+from .models.weights import sha256_of
 from .pretrain import ASSETS, NAME as FASHION_NAME
 
 FASHION_RESNET = ASSETS / f"{FASHION_NAME}.pt"
 
+# (name, key, arguments, SpotTune's policy network, training length): the policy reads 32x32 images and
+# is kept small next to its backbone; the ResNet's cheaper runs train longer on more images.
 SOURCES = [
     ("MobileNetV2 ImageNet", "mobilenet_v2",
-     ["--arch", "mobilenet_v2", "--weights", MOBILENET_V2_OFFLINE, "--image-size", "64"]),
+     ["--arch", "mobilenet_v2", "--weights", MOBILENET_V2_OFFLINE, "--image-size", "64"],
+     ["--policy-widths", "32", "64", "--policy-input-size", "32"],
+     ["--max-per-class", "200", "--epochs", "2"]),
     ("ResNet-26/16 Fashion-MNIST", "fashion_resnet26",
-     ["--weights", str(FASHION_RESNET), "--image-size", "32"]),  # --weights-sha256 added at run time
+     ["--weights", str(FASHION_RESNET), "--image-size", "32"],  # --weights-sha256 added at run time
+     ["--policy-stem-width", "16", "--policy-widths", "16", "32"],
+     ["--max-per-class", "400", "--epochs", "4"]),
 ]
-STRATEGIES = [
-    ("SpotTune", "spottune", ["--policy-widths", "32", "64", "--policy-input-size", "32"]),
-    ("standard fine-tuning", "finetune", []),
-    ("feature extractor", "feature_extractor", []),
-]
-COMMON = ["--data", "animal-mnist", "--max-per-class", "200", "--max-eval-per-class", "50", "--epochs", "2",
-          "--batch-size", "32", "--lr", "0.01", "--policy-lr", "0.01", "--wd", "5e-4", "--policy-wd", "1e-3"]
+STRATEGIES = [("SpotTune", "spottune"), ("standard fine-tuning", "finetune"), ("feature extractor", "feature_extractor")]
+COMMON = ["--data", "animal-mnist", "--max-eval-per-class", "50", "--batch-size", "32", "--lr", "0.01",
+          "--policy-lr", "0.01", "--wd", "5e-4", "--policy-wd", "1e-3"]
 QUICK = ["--max-per-class", "4", "--max-eval-per-class", "2", "--epochs", "1", "--batch-size", "8"]
 SPEED_IMAGES = 256
 SPEED_BATCH = 64
 
 
-def recorded_sha256(path):
-    """The sha256 recorded next to a file (<file>.sha256, as sha256sum writes it)."""
+def verified_sha256(path):
+    """The sha256 recorded next to a file (<file>.sha256, as sha256sum writes it), after checking the file
+    has it."""
     record = Path(f"{path}.sha256")
-    if not record.is_file():
-        raise train.UsageError(f"{record} is missing: the sha256 of {path} must be recorded next to it")
-    return record.read_text().split()[0]
+    if not Path(path).is_file() or not record.is_file():
+        raise train.UsageError(f"{path} and its recorded sha256 {record.name} must both exist")
+    expected = record.read_text().split()[0]
+    actual = sha256_of(path)
+    if actual != expected:
+        raise train.UsageError(f"{path}: sha256 {actual} differs from the one recorded in {record.name} ({expected}); "
+                               f"restore the file or remake it with `python -m spottune_ext.pretrain`")
+    return expected
 
 
 @torch.no_grad()
@@ -82,16 +91,18 @@ def measure(checkpoint, images):
 
 
 def run_demo(out, seed=0, threads=2, quick=False, progress=True):
+    """Trains and measures every (source, strategy) pair; returns the table's rows and the seconds taken."""
     out = Path(out)
-    weights_sha = recorded_sha256(FASHION_RESNET)
+    weights_sha = verified_sha256(FASHION_RESNET)  # before any run: a wrong file stops the demo at once
     rows = []
     start = time.perf_counter()
-    for source_name, source_key, source_args in SOURCES:
+    for source_name, source_key, source_args, policy_args, length_args in SOURCES:
         if source_key == "fashion_resnet26":
             source_args = source_args + ["--weights-sha256", weights_sha]
-        for strategy_name, strategy, strategy_args in STRATEGIES:
+        for strategy_name, strategy in STRATEGIES:
             run_dir = out / source_key / strategy
-            argv = (source_args + ["--strategy", strategy] + strategy_args + COMMON + (QUICK if quick else [])
+            argv = (source_args + ["--strategy", strategy] + (policy_args if strategy == "spottune" else [])
+                    + COMMON + length_args + (QUICK if quick else [])
                     + ["--seed", str(seed), "--threads", str(threads), "--out", str(run_dir)]
                     + ([] if progress else ["--no-progress"]))
             print(f"\n== {source_name} -> Animal-MNIST, {strategy_name}", flush=True)

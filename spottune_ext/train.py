@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import plots
 from .data import DataNotFoundError, build_datasets, cap_per_class, merge_train_val
-from .models import STRATEGIES, DecathlonResNet, convert, load_checkpoint, parameter_counts, read_weights, save_checkpoint
+from .models import (STRATEGIES, DecathlonResNet, SpotTuneModel, convert, load_checkpoint, parameter_counts,
+                     read_weights, save_checkpoint)
 from .models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .models.families import family_of
 from .models.weights import MOBILENET_V2_OFFLINE, sha256_of
@@ -74,6 +74,7 @@ def build_parser():
                    help="other strategy options, e.g. k=2 (finetune_last_k), alpha=0.01 (l2sp)")
     m.add_argument("--tau", type=float, help="Gumbel-softmax temperature of the policy (default 5)")
     m.add_argument("--policy-widths", type=int, nargs="+", help="channels of the policy network's blocks")
+    m.add_argument("--policy-stem-width", type=int, help="channels of the policy network's stem (default 32)")
     m.add_argument("--policy-input-size", type=int, help="resize images to this size for the policy network")
     m.add_argument("--eval-sample", action="store_true",
                    help="sample the policy's decisions in evaluation too (the authors' choice); default: argmax")
@@ -126,7 +127,7 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     positive = ("epochs", "batch_size", "image_size", "max_per_class", "max_eval_per_class", "max_train_batches", "threads",
-                "policy_input_size", "stem_width")
+                "policy_input_size", "policy_stem_width", "stem_width")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -201,17 +202,16 @@ def _is_checkpoint(path):
 
 
 def _arch_of(backbone):
-    """The --arch name of a backbone (resnet family members are told apart by their description)."""
+    """The --arch name of a plain backbone (torchvision ResNets are told apart by their parameter shapes)."""
     family = family_of(backbone).name
-    if family in ("resnet26", "mobilenet_v2"):
+    if family != "resnet":
         return family
-    for name in TORCHVISION_ARCHS:
-        if name.startswith("res") or name.startswith("wide"):
-            with torch.device("meta"):
-                candidate = torchvision.models.get_model(name, num_classes=backbone.fc.out_features)
-            if {k: v.shape for k, v in candidate.state_dict().items()} == \
-                    {k: v.shape for k, v in backbone.state_dict().items()}:
-                return name
+    shapes = {k: v.shape for k, v in backbone.state_dict().items()}
+    for name in TORCHVISION_ARCHS[:-1]:  # the ResNets
+        with torch.device("meta"):
+            candidate = torchvision.models.get_model(name, num_classes=backbone.fc.out_features)
+        if {k: v.shape for k, v in candidate.state_dict().items()} == shapes:
+            return name
     return "resnet"
 
 
@@ -224,7 +224,7 @@ def build_backbone(args):
                              f"{args.weights_sha256}")
     if args.weights and os.path.isfile(args.weights) and _is_checkpoint(args.weights):
         backbone, _ = load_checkpoint(args.weights)
-        if hasattr(backbone, "strategy"):
+        if isinstance(backbone, SpotTuneModel):
             raise UsageError(f"--weights {args.weights} is a fine-tuned SpotTune checkpoint; pass a plain backbone "
                              f"(to continue a run, use --resume)")
         arch = _arch_of(backbone)
@@ -291,9 +291,12 @@ def build_model(args, backbone, num_classes):
             policy["widths"] = args.policy_widths
         if args.policy_input_size:
             policy["input_size"] = args.policy_input_size
-    elif args.tau is not None or args.policy_widths or args.policy_input_size or args.eval_sample:
+        if args.policy_stem_width:
+            policy["stem_width"] = args.policy_stem_width
+    elif (args.tau is not None or args.policy_widths or args.policy_input_size or args.policy_stem_width
+          or args.eval_sample):
         raise UsageError(f"strategy {args.strategy!r} has no learned policy: --tau, --policy-widths, "
-                         f"--policy-input-size and --eval-sample do not apply")
+                         f"--policy-stem-width, --policy-input-size and --eval-sample do not apply")
     try:
         return convert(backbone, num_classes=num_classes, policy=policy, adaptive_blocks=args.adaptive_blocks,
                        strategy=args.strategy, tau=args.tau, execution=args.execution, backend=args.backend,
@@ -303,8 +306,8 @@ def build_model(args, backbone, num_classes):
 
 
 def check_image_size(net, args, device):
-    """Refuses image sizes the network cannot take: below its total stride (the last stage would see
-    padding only) or failing a dry forward on a batch of two."""
+    """Refuses image sizes the network cannot take: below its total stride (its last strided stages would
+    get maps smaller than their stride, mostly padding) or failing a dry forward on a batch of two."""
     stride = _total_stride(net.backbone)
     if args.image_size < stride:
         raise UsageError(f"--image-size {args.image_size} is too small for {args.arch}: it downsamples by {stride}, "

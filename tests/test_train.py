@@ -292,3 +292,51 @@ def test_command_line_error_has_no_traceback(tmp_path):
     proc = cli(*tiny_argv(tmp_path, "finetune", "--data", str(tmp_path / "nowhere")))
     assert proc.returncode == 2
     assert "spottune-train: error: --data" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+def test_fashion_resnet_asset_matches_its_record():
+    from spottune_ext import demo
+    from spottune_ext.models.weights import sha256_of
+    record = Path(f"{demo.FASHION_RESNET}.sha256").read_text().split()
+    assert record == [sha256_of(demo.FASHION_RESNET), demo.FASHION_RESNET.name]
+    assert json.loads(demo.FASHION_RESNET.with_suffix(".json").read_text())["sha256"] == record[0]
+    backbone, _ = load_checkpoint(str(demo.FASHION_RESNET))
+    assert isinstance(backbone, DecathlonResNet) and backbone.num_classes == 10
+
+
+def test_demo_refuses_a_source_model_that_is_not_the_recorded_one(tmp_path, monkeypatch, capsys):
+    from spottune_ext import demo
+    fake = tmp_path / "fashion_resnet26.pt"
+    save_checkpoint(DecathlonResNet(10, (1, 1, 1), (8, 16, 16), 8), str(fake))
+    Path(f"{fake}.sha256").write_text(Path(f"{demo.FASHION_RESNET}.sha256").read_text())
+    monkeypatch.setattr(demo, "FASHION_RESNET", fake)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--quick", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "differs from the one recorded" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # stopped before any training
+
+
+def test_demo_quick_runs_every_step(tmp_path):
+    from spottune_ext import demo
+    demo.main(["--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = summary["rows"]
+    assert [(r["source"], r["strategy"]) for r in rows] == [
+        (s[0], t[0]) for s in demo.SOURCES for t in demo.STRATEGIES]
+    for row in rows:
+        assert row["train_split"] == "train" and 0 <= row["test_accuracy"] <= 1 and row["images_per_s_grouped"] > 0
+        routed = row["strategy"] == "SpotTune"
+        assert (row["images_per_s_dense"] is not None) == routed and bool(row["plots"]) == routed
+        assert all(is_png(p) for p in row["plots"])
+    assert "QUICK SETUP CHECK" in (tmp_path / "summary.md").read_text()
+
+
+def test_tensorboard_is_optional(tmp_path, capsys, monkeypatch):
+    find_spec = train.importlib.util.find_spec
+    monkeypatch.setattr(train.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    err = error_of(tiny_argv(tmp_path, "finetune", "--tensorboard"), capsys)
+    assert "--tensorboard needs the tensorboard package" in err
