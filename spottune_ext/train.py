@@ -15,6 +15,7 @@ per-image test policies (test_policies.csv) and their plots (*.png).
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import importlib.util
 import json
@@ -108,12 +109,14 @@ def build_parser():
     o.add_argument("--max-train-batches", type=int, help="stop each epoch after this many batches")
     o.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     o.add_argument("--channels-last", action="store_true")
-    o.add_argument("--compile", action="store_true", help="torch.compile the model")
+    o.add_argument("--compile", action="store_true", help="torch.compile the training forward (evaluation runs eagerly)")
 
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="seed of the splits, the initialisation and the training")
     r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    r.add_argument("--threads", type=int, help="torch CPU threads per process (fix it for reproducible numbers)")
+    r.add_argument("--threads", type=int,
+                   help="torch CPU threads per process (fix it for reproducible numbers; on a shared CPU also set "
+                        "OMP_WAIT_POLICY=PASSIVE, or spinning threads slow training down many times)")
     r.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                    help="allow nondeterministic algorithms (faster on GPU, numbers vary between runs)")
     r.add_argument("--out", default="runs/train", help="output directory")
@@ -599,7 +602,7 @@ def _run(args):
     world, rank, device = _distributed(args.device)
     main_process = rank == 0
     out = Path(args.out)
-    log = print if main_process else (lambda *a, **k: None)
+    log = functools.partial(print, flush=True) if main_process else (lambda *a, **k: None)
     if main_process and not args.no_progress:
         from tqdm import tqdm as progress
     else:

@@ -101,6 +101,16 @@ def test_eval_sample_is_reported(tmp_path):
     assert read_csv(tmp_path / "metrics.csv")[0]["val_decisions"] == "sample"
 
 
+def test_model_options_reach_the_checkpoint(tmp_path):
+    results = train.run(train.parse_args(tiny_argv(tmp_path, "spottune", "--epochs", "1", "--adaptive-blocks", "1", "2",
+                                                   "--execution", "dense", "--frozen-bn", "train", "--tau", "2",
+                                                   "--policy-input-size", "8", "--workers", "1")))
+    config = torch.load(tmp_path / "best.pt", weights_only=True)["config"]
+    assert config["adaptive_blocks"] == [1, 2] and config["execution"] == "dense" and config["frozen_bn"] == "train"
+    assert config["policy"]["tau"] == 2 and config["policy"]["input_size"] == 8
+    assert len(results["test"]["block_usage"]) == 2
+
+
 def test_train_on_trainval_is_explicit_and_labelled(tmp_path):
     results = train.run(train.parse_args(tiny_argv(tmp_path, "finetune", "--epochs", "2", "--train-on-trainval")))
     assert results["train_split"] == "train+val" and results["val"] is None
