@@ -1,5 +1,7 @@
+"""Shared benchmark settings; collects the benchmark files (bench_*.py) when pytest is pointed at bench/."""
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -11,3 +13,9 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 def synchronize():
     if HAS_CUDA:
         torch.cuda.synchronize()
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None

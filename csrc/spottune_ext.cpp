@@ -30,7 +30,8 @@ TORCH_LIBRARY(spottune_ext, m) {
   // counts [L + 1] int64 (counts[l] = images routed to the fine-tuned copy of block l;
   // counts[L] = decisions that are neither 0 nor 1).
   m.def("route_plan(Tensor decisions, bool chain) -> (Tensor, Tensor, Tensor)", {at::Tag::pt2_compliant_tag});
-  // out[i] = x[index[i]] for whole samples (memory format kept); with mask, times (mask[index[i]] > 0).
+  // out[i] = x[index[i]] for whole samples (memory format kept); with mask, zeroed where mask[index[i]] <= 0.
+  // index is a permutation of range(B).
   m.def("gather_rows(Tensor x, Tensor index, Tensor? mask) -> Tensor", {at::Tag::pt2_compliant_tag});
   // out[dest[i]] = act(row i of cat(src0, src1) + residual[i]); dest is a permutation of the batch.
   m.def("combine_rows(Tensor src0, Tensor src1, Tensor dest, Tensor? residual, bool relu) -> Tensor",

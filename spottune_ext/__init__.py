@@ -4,7 +4,8 @@ Importing the package loads the compiled kernels (spottune_ext._C) and registers
 """
 from . import _ext  # noqa: F401  (must come first: loads the compiled ops)
 from . import backends, reference
-from .ops import gumbel_st
+from .ops import RoutePlan, combine_rows, gather_rows, gumbel_st, route_plan
+from .routed import RoutedBasicBlock, RoutedBottleneck, RoutedInvertedResidual, run_blocks
 from .data import DATASETS, build_datasets
 from .metrics import decathlon_score
 from .models import (MOBILENET_V2_OFFLINE, STRATEGIES, DecathlonResNet, PolicyNet, SpotTuneModel, Strategy, convert,
@@ -12,7 +13,9 @@ from .models import (MOBILENET_V2_OFFLINE, STRATEGIES, DecathlonResNet, PolicyNe
                      load_weights, mobilenet_v2_offline_file, parameter_counts, read_weights, resnet26,
                      save_checkpoint, usage_fraction, weights_file)
 
-__all__ = ["backends", "reference", "gumbel_st", "DATASETS", "build_datasets", "decathlon_score",
+__all__ = ["backends", "reference", "gumbel_st", "route_plan", "RoutePlan", "gather_rows", "combine_rows",
+           "RoutedBasicBlock", "RoutedBottleneck", "RoutedInvertedResidual", "run_blocks",
+           "DATASETS", "build_datasets", "decathlon_score",
            "convert", "export_global", "SpotTuneModel", "parameter_counts", "resnet26", "DecathlonResNet", "PolicyNet",
            "usage_fraction", "global_k_loss", "entropy_loss", "global_k_objective", "STRATEGIES", "Strategy",
            "get_strategy", "save_checkpoint", "load_checkpoint", "load_weights", "read_weights", "weights_file",

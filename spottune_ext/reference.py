@@ -77,11 +77,12 @@ def route_plan(decisions: torch.Tensor, chain: bool) -> Tuple[torch.Tensor, torc
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """out[i] = x[index[i]], times (mask[index[i]] > 0) when a mask is given; memory format kept."""
+    """out[i] = x[index[i]], zeroed where mask[index[i]] <= 0 when a mask is given; memory format kept."""
     out = x.index_select(0, index)
     if mask is not None:
-        out = out * (mask.index_select(0, index) > 0)
-    return out.contiguous(memory_format=_memory_format(x))
+        # A select, not a product: as torch.relu's backward, a masked-out entry is 0 even if x is inf/NaN.
+        out = torch.where(mask.index_select(0, index) > 0, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.contiguous(memory_format=row_memory_format(x))
 
 
 def combine_rows(src0: torch.Tensor, src1: torch.Tensor, dest: torch.Tensor, residual: Optional[torch.Tensor],
@@ -92,11 +93,13 @@ def combine_rows(src0: torch.Tensor, src1: torch.Tensor, dest: torch.Tensor, res
         rows = rows + residual
     if relu:
         rows = torch.relu(rows)
-    out = torch.empty_like(rows, memory_format=_memory_format(src0 if src0.shape[0] else src1))
-    return out.index_copy(0, dest, rows)
+    out = torch.empty_like(rows, memory_format=row_memory_format(src0 if src0.shape[0] else src1))
+    return out.index_copy_(0, dest, rows)  # in place: the out-of-place index_copy drops channels_last
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
+def row_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the row ops write: channels_last for a 4-D channels_last-contiguous tensor (that is
+    not also NCHW-contiguous), else contiguous. In both, one sample is one contiguous chunk."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format

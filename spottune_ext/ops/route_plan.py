@@ -1,0 +1,73 @@
+"""spottune_ext.route_plan: how to group a batch by route, for every routed block at once."""
+from typing import List, NamedTuple
+
+import torch
+
+from .. import _library, backends, reference
+from ..triton import route_plan as triton_route_plan
+
+_library.define_triton_variant("route_plan", triton_route_plan.route_plan)
+
+_OPS = {
+    "cpp": _library.op("route_plan"),
+    "cuda": _library.op("route_plan"),
+    "triton": _library.op("route_plan_triton"),
+}
+
+
+class RoutePlan(NamedTuple):
+    """The grouping of a batch of B images through L routed blocks.
+
+    order: [L, B] int64; order[l] lists block l's frozen-route images, then its fine-tuned-route
+        images, each in batch order (gather rows with it; counts[l] rows at the end are fine-tuned).
+    dest: [L, B] int64; where row i of block l's output goes: its batch position, or with
+        chain=True its row in block l+1's order (the last block going to batch positions).
+    counts: L host ints, images routed to the fine-tuned copy of each block.
+    """
+    order: torch.Tensor
+    dest: torch.Tensor
+    counts: List[int]
+
+
+def _fake(decisions, chain):
+    B, L = decisions.shape
+    return (decisions.new_empty((L, B), dtype=torch.int64), decisions.new_empty((L, B), dtype=torch.int64),
+            decisions.new_empty((L + 1,), dtype=torch.int64))
+
+
+_library.register_fake(["route_plan", "route_plan_triton"], _fake)
+
+
+def _check(decisions: torch.Tensor) -> None:
+    if not isinstance(decisions, torch.Tensor):
+        raise TypeError(f"route_plan expects decisions as a tensor of shape [B, L], got {type(decisions).__name__}")
+    if decisions.dim() != 2:
+        raise ValueError(f"route_plan expects decisions of shape [B, L], got {list(decisions.shape)}")
+    if not decisions.is_floating_point():
+        raise TypeError(f"route_plan expects floating decisions (0.0 or 1.0, as gumbel_st returns), got {decisions.dtype}")
+
+
+def route_plan(decisions: torch.Tensor, chain: bool = False, backend: str = "auto") -> RoutePlan:
+    """Plans the grouping by route of every block: a stable partition per block, one launch.
+
+    Args:
+        decisions: [B, L] route of each image at each block, exactly 0.0 (frozen copy) or 1.0
+            (fine-tuned copy), e.g. from spottune_ext.gumbel_st. Not differentiated.
+        chain: make dest[l] point into block l+1's order, so that block l's combine writes its
+            output already grouped for block l+1 (no separate gather between blocks).
+        backend: "auto", "torch", "cpp", "cuda" or "triton" (see spottune_ext.backends).
+
+    Returns:
+        RoutePlan(order, dest, counts); counts reach the host in one device-to-host copy.
+
+    Raises:
+        ValueError if a decision is neither 0 nor 1.
+    """
+    _check(decisions)
+    impl = backends.resolve("route_plan", backend, decisions.device)
+    plan = reference.route_plan if impl == "torch" else _OPS[impl]
+    order, dest, counts = plan(decisions.detach(), bool(chain))
+    counts = counts.tolist()  # the one device-to-host copy of the plan
+    if counts[-1]:
+        raise ValueError(f"route_plan: decisions must be exactly 0 or 1, got {counts[-1]} other value(s)")
+    return RoutePlan(order, dest, counts[:-1])
