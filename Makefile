@@ -39,8 +39,9 @@ cmake-check: $(VENV)/.installed
 	$(PY) -c "import torch; torch.ops.load_library('cmake-build/libspottune_ext.so'); \
 	  print('cmake library ops:', torch.ops.spottune_ext.gumbel_st(torch.zeros(1, 1, 2), None, None, 1.0, False)[0].shape)"
 
+# Passive OpenMP waiting: on a shared machine, spinning threads slow training down many times.
 demo: setup
-	$(PY) -m spottune_ext.demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m spottune_ext.demo
 
 clean:
 	rm -rf build cmake-build spottune_ext/_C*.so spottune_ext/_build_info.py

@@ -105,6 +105,8 @@ setup(
     version="0.1.0",
     description="SpotTune adaptive fine-tuning with route-grouped execution",
     packages=find_packages(include=["spottune_ext", "spottune_ext.*"]),
+    package_data={"spottune_ext": ["assets/*"]},
+    entry_points={"console_scripts": ["spottune-train = spottune_ext.train:main"]},
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

@@ -1,3 +1,4 @@
+"""Shared benchmark settings; collects the benchmark files (bench_*.py) when pytest is pointed at bench/."""
 import os
 
 import pytest
