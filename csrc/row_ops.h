@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 namespace spottune_ext {
@@ -55,6 +56,98 @@ inline void check_permutation(const char* op, const char* name, const at::Tensor
     TORCH_CHECK(!seen[v], op, ": ", name, " must be a permutation of range(", n, "), but ", v, " appears twice");
     seen[v] = 1;
   }
+}
+
+// The inputs of a route_plan kernel, checked, with the [L, B] outputs allocated.
+struct RoutePlanArgs {
+  at::Tensor decisions;  // contiguous [B, L]
+  int64_t B;
+  int64_t L;
+  at::Tensor order;  // [L, B] int64
+  at::Tensor dest;   // [L, B] int64
+};
+
+inline RoutePlanArgs prepare_route_plan(const at::Tensor& decisions) {
+  TORCH_CHECK(decisions.dim() == 2, "route_plan: decisions must have shape [B, L], got ", decisions.sizes());
+  RoutePlanArgs p;
+  p.decisions = decisions.contiguous();
+  p.B = p.decisions.size(0);
+  p.L = p.decisions.size(1);
+  const auto long_opts = p.decisions.options().dtype(at::kLong);
+  p.order = at::empty({p.L, p.B}, long_opts);
+  p.dest = at::empty({p.L, p.B}, long_opts);
+  return p;
+}
+
+// The inputs of a gather_rows kernel, checked and in the row layout, with the output allocated.
+struct GatherArgs {
+  at::Tensor x;      // in the row layout
+  at::Tensor index;  // contiguous
+  at::Tensor mask;   // in the row layout; undefined without a mask
+  at::Tensor out;    // x's shape, in the row layout
+  int64_t B;         // rows
+  int64_t R;         // elements per row
+};
+
+inline GatherArgs prepare_gather_rows(const at::Tensor& x, const at::Tensor& index,
+                                      const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(x.dim() >= 1, "gather_rows: x must have a batch dimension, got a 0-d tensor");
+  GatherArgs p;
+  p.B = x.size(0);
+  check_index("gather_rows", "index", index, x, p.B);
+  const auto fmt = row_memory_format(x);
+  p.x = x.contiguous(fmt);
+  p.index = index.contiguous();
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->sizes() == x.sizes(), "gather_rows: mask must have x's shape ", x.sizes(), ", got ",
+                mask->sizes());
+    check_rows("gather_rows", "mask", *mask, x);
+    p.mask = mask->contiguous(fmt);
+  }
+  p.out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  p.R = row_size(x);
+  return p;
+}
+
+// The inputs of a combine_rows kernel, checked and in the row layout, with the output allocated.
+struct CombineArgs {
+  at::Tensor src0;      // in the row layout
+  at::Tensor src1;      // in the row layout
+  at::Tensor dest;      // contiguous
+  at::Tensor residual;  // in the row layout; undefined without a residual
+  at::Tensor out;       // the combined batch, in the row layout
+  int64_t n0;           // rows of src0
+  int64_t B;            // rows of src0 and src1
+  int64_t R;            // elements per row
+};
+
+inline CombineArgs prepare_combine_rows(const at::Tensor& src0, const at::Tensor& src1, const at::Tensor& dest,
+                                        const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(src0.dim() >= 1, "combine_rows: src0 must have a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(src1.dim() == src0.dim() && src1.sizes().slice(1) == src0.sizes().slice(1),
+              "combine_rows: src0 and src1 must have the same sample shape, got ", src0.sizes(), " and ",
+              src1.sizes());
+  check_rows("combine_rows", "src1", src1, src0);
+  CombineArgs p;
+  p.n0 = src0.size(0);
+  p.B = p.n0 + src1.size(0);
+  check_index("combine_rows", "dest", dest, src0, p.B);
+  auto sizes = src0.sizes().vec();
+  sizes[0] = p.B;
+  // With src0 empty, src1 alone says which layout the batch is in.
+  const auto fmt = row_memory_format(p.n0 ? src0 : src1);
+  p.src0 = src0.contiguous(fmt);
+  p.src1 = src1.contiguous(fmt);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(sizes), "combine_rows: residual must have shape ",
+                at::IntArrayRef(sizes), " (the combined batch), got ", residual->sizes());
+    check_rows("combine_rows", "residual", *residual, src0);
+    p.residual = residual->contiguous(fmt);
+  }
+  p.dest = dest.contiguous();
+  p.out = at::empty(sizes, src0.options().memory_format(fmt));
+  p.R = row_size(src0);
+  return p;
 }
 
 // Work split of the CPU row kernels: every (sample, chunk) pair is one work item, so a small

@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "row_ops.h"
+
 namespace spottune_ext {
 namespace {
 
@@ -14,16 +16,15 @@ namespace {
 constexpr int64_t kGrainDecisions = 32768;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_plan_cpu(const at::Tensor& decisions, bool chain) {
-  TORCH_CHECK(decisions.dim() == 2, "route_plan: decisions must have shape [B, L], got ", decisions.sizes());
-  const auto d = decisions.contiguous();
-  const int64_t B = d.size(0);
-  const int64_t L = d.size(1);
-  const auto long_opts = d.options().dtype(at::kLong);
-  auto order = at::empty({L, B}, long_opts);
-  auto dest = at::empty({L, B}, long_opts);
-  auto counts = at::empty({L + 1}, long_opts);
+  auto p = prepare_route_plan(decisions);
+  const auto& d = p.decisions;
+  const int64_t B = p.B;
+  const int64_t L = p.L;
+  auto& order = p.order;
+  auto& dest = p.dest;
+  auto counts = at::empty({L + 1}, order.options());
   // position[l, b] = row of image b in block l's order.
-  auto position = at::empty({L, B}, long_opts);
+  auto position = at::empty({L, B}, order.options());
   std::vector<int64_t> invalid(L, 0);
   const int64_t grain = std::max<int64_t>(1, kGrainDecisions / std::max<int64_t>(B, 1));
 

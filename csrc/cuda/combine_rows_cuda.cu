@@ -65,40 +65,19 @@ void launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& dest, co
 
 at::Tensor combine_rows_cuda(const at::Tensor& src0, const at::Tensor& src1, const at::Tensor& dest,
                              const std::optional<at::Tensor>& residual, bool relu) {
-  TORCH_CHECK(src0.dim() >= 1, "combine_rows: src0 must have a batch dimension, got a 0-d tensor");
-  TORCH_CHECK(src1.dim() == src0.dim() && src1.sizes().slice(1) == src0.sizes().slice(1),
-              "combine_rows: src0 and src1 must have the same sample shape, got ", src0.sizes(), " and ",
-              src1.sizes());
-  check_rows("combine_rows", "src1", src1, src0);
   const c10::cuda::CUDAGuard guard(src0.device());
-  const int64_t n0 = src0.size(0);
-  const int64_t B = n0 + src1.size(0);
-  check_index("combine_rows", "dest", dest, src0, B);
-  auto sizes = src0.sizes().vec();
-  sizes[0] = B;
-  const auto fmt = row_memory_format(n0 ? src0 : src1);
-  const auto a = src0.contiguous(fmt);
-  const auto b = src1.contiguous(fmt);
-  at::Tensor r;
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(sizes), "combine_rows: residual must have shape ",
-                at::IntArrayRef(sizes), " (the combined batch), got ", residual->sizes());
-    check_rows("combine_rows", "residual", *residual, src0);
-    r = residual->contiguous(fmt);
-  }
-  const auto d = dest.contiguous();
-  auto out = at::empty(sizes, src0.options().memory_format(fmt));
-  const int64_t R = row_size(src0);
-  if (B == 0 || R == 0) return out;
+  auto p = prepare_combine_rows(src0, src1, dest, residual);
+  if (p.B == 0 || p.R == 0) return p.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src0.scalar_type(), "combine_rows_cuda", [&] {
-    const void* r_ptr = r.defined() ? r.const_data_ptr() : nullptr;
-    if (use_wide_packs<scalar_t>(R, {a.const_data_ptr(), b.const_data_ptr(), r_ptr, out.const_data_ptr()})) {
-      launch<scalar_t, 16 / sizeof(scalar_t)>(a, b, d, r, relu, out, n0, B, R);
+    const void* r_ptr = p.residual.defined() ? p.residual.const_data_ptr() : nullptr;
+    if (use_wide_packs<scalar_t>(
+            p.R, {p.src0.const_data_ptr(), p.src1.const_data_ptr(), r_ptr, p.out.const_data_ptr()})) {
+      launch<scalar_t, 16 / sizeof(scalar_t)>(p.src0, p.src1, p.dest, p.residual, relu, p.out, p.n0, p.B, p.R);
     } else {
-      launch<scalar_t, 1>(a, b, d, r, relu, out, n0, B, R);
+      launch<scalar_t, 1>(p.src0, p.src1, p.dest, p.residual, relu, p.out, p.n0, p.B, p.R);
     }
   });
-  return out;
+  return p.out;
 }
 
 }  // namespace

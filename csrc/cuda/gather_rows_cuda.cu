@@ -52,32 +52,18 @@ void launch(const at::Tensor& x, const at::Tensor& index, const at::Tensor& mask
 }
 
 at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index, const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(x.dim() >= 1, "gather_rows: x must have a batch dimension, got a 0-d tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0);
-  check_index("gather_rows", "index", index, x, B);
-  const auto fmt = row_memory_format(x);
-  const auto src = x.contiguous(fmt);
-  const auto idx = index.contiguous();
-  at::Tensor m;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->sizes() == x.sizes(), "gather_rows: mask must have x's shape ", x.sizes(), ", got ",
-                mask->sizes());
-    check_rows("gather_rows", "mask", *mask, x);
-    m = mask->contiguous(fmt);
-  }
-  auto out = at::empty(x.sizes(), x.options().memory_format(fmt));
-  const int64_t R = row_size(x);
-  if (B == 0 || R == 0) return out;
+  auto p = prepare_gather_rows(x, index, mask);
+  if (p.B == 0 || p.R == 0) return p.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_rows_cuda", [&] {
-    const void* mask_ptr = m.defined() ? m.const_data_ptr() : nullptr;
-    if (use_wide_packs<scalar_t>(R, {src.const_data_ptr(), mask_ptr, out.const_data_ptr()})) {
-      launch<scalar_t, 16 / sizeof(scalar_t)>(src, idx, m, out, B, R);
+    const void* mask_ptr = p.mask.defined() ? p.mask.const_data_ptr() : nullptr;
+    if (use_wide_packs<scalar_t>(p.R, {p.x.const_data_ptr(), mask_ptr, p.out.const_data_ptr()})) {
+      launch<scalar_t, 16 / sizeof(scalar_t)>(p.x, p.index, p.mask, p.out, p.B, p.R);
     } else {
-      launch<scalar_t, 1>(src, idx, m, out, B, R);
+      launch<scalar_t, 1>(p.x, p.index, p.mask, p.out, p.B, p.R);
     }
   });
-  return out;
+  return p.out;
 }
 
 }  // namespace

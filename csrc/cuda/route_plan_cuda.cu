@@ -11,6 +11,8 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include "row_ops.h"
+
 namespace spottune_ext {
 namespace {
 
@@ -92,24 +94,19 @@ __global__ void route_plan_kernel(const scalar_t* __restrict__ d, int64_t B, int
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_plan_cuda(const at::Tensor& decisions, bool chain) {
-  TORCH_CHECK(decisions.dim() == 2, "route_plan: decisions must have shape [B, L], got ", decisions.sizes());
   const c10::cuda::CUDAGuard guard(decisions.device());
-  const auto d = decisions.contiguous();
-  const int64_t B = d.size(0);
-  const int64_t L = d.size(1);
-  const auto long_opts = d.options().dtype(at::kLong);
-  auto order = at::empty({L, B}, long_opts);
-  auto dest = at::empty({L, B}, long_opts);
-  auto counts = at::zeros({L + 1}, long_opts);
-  if (L == 0) return {order, dest, counts};
+  auto p = prepare_route_plan(decisions);
+  // Zeroed: the kernel adds each block's invalid decisions to counts[L].
+  auto counts = at::zeros({p.L + 1}, p.order.options());
+  if (p.L == 0) return {p.order, p.dest, counts};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "route_plan_cuda", [&] {
-    route_plan_kernel<scalar_t><<<static_cast<unsigned int>(L), kThreads, 0, stream>>>(
-        d.const_data_ptr<scalar_t>(), B, L, chain, order.data_ptr<int64_t>(), dest.data_ptr<int64_t>(),
-        counts.data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.decisions.scalar_type(), "route_plan_cuda", [&] {
+    route_plan_kernel<scalar_t><<<static_cast<unsigned int>(p.L), kThreads, 0, stream>>>(
+        p.decisions.const_data_ptr<scalar_t>(), p.B, p.L, chain, p.order.data_ptr<int64_t>(),
+        p.dest.data_ptr<int64_t>(), counts.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {order, dest, counts};
+  return {p.order, p.dest, counts};
 }
 
 }  // namespace
