@@ -17,8 +17,13 @@ BACKENDS = ("torch", "cpp", "cuda", "triton")
 
 # Fastest measured backend per op and device type (bench/RESULTS.md). An op whose custom
 # kernel has not been measured faster than plain torch on a device keeps "torch" there.
+# The "cuda" entries of route_plan, gather_rows and combine_rows are not measured yet (no GPU
+# run so far); their CPU entries are (bench/bench_route_ops.py).
 AUTO = {
     "gumbel_st": {"cpu": "cpp", "cuda": "cuda"},
+    "route_plan": {"cpu": "cpp", "cuda": "cuda"},
+    "gather_rows": {"cpu": "cpp", "cuda": "cuda"},
+    "combine_rows": {"cpu": "cpp", "cuda": "cuda"},
 }
 
 default_backend = "auto"

@@ -78,7 +78,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tenso
     out = x.index_select(0, index)
     if mask is not None:
         # A select, not a product: as torch.relu's backward, a masked-out entry is 0 even if x is inf/NaN.
-        out = torch.where(mask.index_select(0, index) > 0, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        out = torch.where(mask.index_select(0, index) > 0, out, 0)
     return out.contiguous(memory_format=row_memory_format(x))
 
 

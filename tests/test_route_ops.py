@@ -61,9 +61,9 @@ def assert_rows_equal(out, ref, backend, device, arithmetic):
     if backend == "triton" and device == "cpu" and out.dtype == torch.bfloat16 and arithmetic:
         # The Triton interpreter truncates float32 -> bfloat16 where compiled Triton and torch round
         # to nearest even: allow one bfloat16 ulp there only.
-        torch.testing.assert_close(out, ref, rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(out, ref, rtol=2 ** -7, atol=0, equal_nan=True)
     else:
-        assert torch.equal(out, ref)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)  # exact (NaN == NaN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +207,45 @@ def test_combine_rows_relu_keeps_nan(backend, device):
     assert out[1, 0].isnan() and torch.equal(out[0], torch.tensor([2.0, 0.0], device=device)) and out[1, 1] == 0
 
 
+SPECIAL = [float("inf"), -float("inf"), float("nan"), -0.0, 0.0, 1e-40, -1e-40, 6e4, -6e4, 3e38, -3e38, 1.0, -1.0]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy sees the overflows
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values(backend, device, dtype):
+    """inf, NaN, signed zeros, subnormals and overflowing sums behave as in torch, in every dtype."""
+    values = torch.tensor(SPECIAL)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        values = values[values.abs() != 1e-40]  # the Triton interpreter flushes bfloat16 subnormals to 0
+    n = len(values)
+    a = values.repeat(n).view(n, n).to(dtype=dtype, device=device)  # a[i, j] = SPECIAL[j]
+    b = values.repeat_interleave(n).view(n, n).to(dtype=dtype, device=device)  # b[i, j] = SPECIAL[i]
+    index = perm(n, device, seed=5)
+    for mask in (None, b):
+        assert_rows_equal(se.gather_rows(a, index, mask, backend=backend), reference.gather_rows(a, index, mask),
+                          backend, device, arithmetic=False)
+    for residual in (None, b):
+        for relu in (False, True):
+            out = se.combine_rows(a[:4], a[4:], index, residual, relu, backend=backend)
+            assert_rows_equal(out, reference.combine_rows(a[:4], a[4:], index, residual, relu), backend, device,
+                              arithmetic=residual is not None)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_long_rows(backend, device, dtype):
+    """Samples longer than a CPU work chunk or a Triton block, of a length that divides neither."""
+    x = make((3, 70001), dtype, device, seed=1)
+    mask = make((3, 70001), dtype, device, seed=2)
+    index = perm(3, device, seed=3)
+    assert_rows_equal(se.gather_rows(x, index, mask, backend=backend), reference.gather_rows(x, index, mask),
+                      backend, device, arithmetic=False)
+    out = se.combine_rows(x[:1], x[1:], index, mask, True, backend=backend)
+    assert_rows_equal(out, reference.combine_rows(x[:1], x[1:], index, mask, True), backend, device,
+                      arithmetic=True)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_mixed_layouts_follow_the_first_source(backend, device):
     src0 = make((2, 3, 4, 5), layout="channels_last", device=device, seed=1)
@@ -258,6 +297,17 @@ def test_batch_of_one(backend, device):
     assert torch.equal(out, torch.relu(x + x)) and out.is_contiguous(memory_format=torch.channels_last)
     plan = se.route_plan(torch.ones(1, 3, device=device), chain=True, backend=backend)
     assert plan.counts == [1, 1, 1] and plan.order.tolist() == plan.dest.tolist() == [[0], [0], [0]]
+
+
+def test_auto_backend_matches_reference():
+    d = decisions_for(8, 3, "random")
+    plan = se.route_plan(d, chain=True)
+    order, dest, counts = reference.route_plan(d, True)
+    assert torch.equal(plan.order, order) and torch.equal(plan.dest, dest) and plan.counts == counts[:3].tolist()
+    x = make((8, 3, 2, 2), layout="channels_last")
+    assert torch.equal(se.gather_rows(x, order[0], x), reference.gather_rows(x, order[0], x))
+    out = se.combine_rows(x[:5], x[5:], dest[0], x, True)
+    assert torch.equal(out, reference.combine_rows(x[:5], x[5:], dest[0], x, True))
 
 
 # ----------------------------------------------------------------------------------------------

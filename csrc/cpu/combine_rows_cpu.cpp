@@ -2,28 +2,13 @@
 // and a ReLU when asked, straight to output row dest[i], in one pass over memory.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include <cstring>
-
+#include "cpu/row_kernels_cpu.h"
 #include "row_ops.h"
 
 namespace spottune_ext {
 namespace {
-
-// out = act(src + residual) in the op-math type, rounded once (loops the compiler vectorises).
-template <typename scalar_t, bool kResidual, bool kRelu>
-void add_act(const scalar_t* __restrict__ src, const scalar_t* __restrict__ residual, scalar_t* __restrict__ out,
-             int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t j = 0; j < n; ++j) {
-    acc_t v = static_cast<acc_t>(src[j]);
-    if constexpr (kResidual) v += static_cast<acc_t>(residual[j]);
-    if constexpr (kRelu) v = v < acc_t(0) ? acc_t(0) : v;  // NaN passes through, as in torch.relu
-    out[j] = static_cast<scalar_t>(v);
-  }
-}
 
 at::Tensor combine_rows_cpu(const at::Tensor& src0, const at::Tensor& src1, const at::Tensor& dest,
                             const std::optional<at::Tensor>& residual, bool relu) {
@@ -61,16 +46,7 @@ at::Tensor combine_rows_cpu(const at::Tensor& src0, const at::Tensor& src1, cons
       const scalar_t* s = (row < n0 ? a_ptr + row * R : b_ptr + (row - n0) * R) + begin;
       const scalar_t* res = r_ptr ? r_ptr + row * R + begin : nullptr;
       scalar_t* to = o + dest_ptr[row] * R + begin;
-      const int64_t n = end - begin;
-      if (res && relu) {
-        add_act<scalar_t, true, true>(s, res, to, n);
-      } else if (res) {
-        add_act<scalar_t, true, false>(s, res, to, n);
-      } else if (relu) {
-        add_act<scalar_t, false, true>(s, nullptr, to, n);
-      } else {
-        std::memcpy(to, s, n * sizeof(scalar_t));
-      }
+      combine_chunk(s, res, to, end - begin, relu);
     });
   });
   return out;

@@ -2,25 +2,15 @@
 // channels_last), so a gather is a row copy (memcpy), or a masked copy for a fused ReLU's backward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <cstring>
 
+#include "cpu/row_kernels_cpu.h"
 #include "row_ops.h"
 
 namespace spottune_ext {
 namespace {
-
-// out = x where mask > 0, else 0 (a loop the compiler vectorises).
-template <typename scalar_t>
-void masked_copy(const scalar_t* __restrict__ x, const scalar_t* __restrict__ mask, scalar_t* __restrict__ out,
-                 int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t j = 0; j < n; ++j) {
-    out[j] = static_cast<acc_t>(mask[j]) > acc_t(0) ? x[j] : scalar_t(0);
-  }
-}
 
 at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index, const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(x.dim() >= 1, "gather_rows: x must have a batch dimension, got a 0-d tensor");

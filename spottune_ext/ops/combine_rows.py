@@ -9,7 +9,11 @@ from ..triton import combine_rows as triton_combine_rows
 
 _library.define_triton_variant("combine_rows", triton_combine_rows.combine_rows)
 
-_OPS = {"cpp": "combine_rows", "cuda": "combine_rows", "triton": "combine_rows_triton"}
+_OPS = {
+    "cpp": _library.op("combine_rows"),
+    "cuda": _library.op("combine_rows"),
+    "triton": _library.op("combine_rows_triton"),
+}
 
 
 def _fake(src0, src1, dest, residual, relu):
@@ -94,4 +98,4 @@ def combine_rows(src0: torch.Tensor, src1: torch.Tensor, dest: torch.Tensor, res
     impl = backends.resolve("combine_rows", backend, src0.device)
     if impl == "torch":
         return reference.combine_rows(src0, src1, dest, residual, bool(relu))
-    return _library.op(_OPS[impl])(src0, src1, dest, residual, bool(relu))
+    return _OPS[impl](src0, src1, dest, residual, bool(relu))

@@ -8,7 +8,11 @@ from ..triton import gather_rows as triton_gather_rows
 
 _library.define_triton_variant("gather_rows", triton_gather_rows.gather_rows)
 
-_OPS = {"cpp": "gather_rows", "cuda": "gather_rows", "triton": "gather_rows_triton"}
+_OPS = {
+    "cpp": _library.op("gather_rows"),
+    "cuda": _library.op("gather_rows"),
+    "triton": _library.op("gather_rows_triton"),
+}
 
 
 def _fake(x, index, mask):
@@ -25,7 +29,8 @@ def _make_backward(suffix):
         index, mask = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        # index is a permutation, so the gradient of the gather is the scatter grad_x[index[i]] = grad[i].
+        # index is a permutation, so the gradient of the gather is the scatter grad_x[index[i]] = grad[i]
+        # (combine_rows is looked up here: spottune_ext/ops/combine_rows.py defines its variants).
         grad_x = _library.op("combine_rows" + suffix)(grad, grad[:0], index, None, False)
         if mask is not None:
             grad_x = torch.where(mask > 0, grad_x, 0)
@@ -82,4 +87,4 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tenso
     impl = backends.resolve("gather_rows", backend, x.device)
     if impl == "torch":
         return reference.gather_rows(x, index, mask)
-    return _library.op(_OPS[impl])(x, index, mask)
+    return _OPS[impl](x, index, mask)

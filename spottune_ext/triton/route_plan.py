@@ -7,7 +7,7 @@ MAX_BLOCK = 1024
 
 
 @triton.jit
-def _partition(d_ptr, b, in_batch, B, L, col, n_frozen, carry):
+def _partition(d_ptr, b, in_batch, L, col, n_frozen, carry):
     """Rows of images b (a tile) in block `col`'s stable partition, and the updated count of chosen."""
     v = tl.load(d_ptr + b * L + col, mask=in_batch, other=0.0)
     chosen = (v != 0).to(tl.int64)
@@ -39,10 +39,10 @@ def _route_plan_kernel(d_ptr, order_ptr, dest_ptr, counts_ptr, B, L, CHAIN: tl.c
     for start in range(0, B, BLOCK):
         b = start + tl.arange(0, BLOCK).to(tl.int64)
         in_batch = b < B
-        pos, carry = _partition(d_ptr, b, in_batch, B, L, l, B - n_chosen, carry)
+        pos, carry = _partition(d_ptr, b, in_batch, L, l, B - n_chosen, carry)
         target = b
         if CHAIN:
-            pos_next, carry_next = _partition(d_ptr, b, in_batch, B, L, nxt, B - n_chosen_next, carry_next)
+            pos_next, carry_next = _partition(d_ptr, b, in_batch, L, nxt, B - n_chosen_next, carry_next)
             target = tl.where(l + 1 < L, pos_next, b)
         tl.store(order_ptr + l * B + pos, b, mask=in_batch)
         tl.store(dest_ptr + l * B + pos, target, mask=in_batch)
