@@ -17,7 +17,7 @@ def synchronize():
 
 
 def pytest_collect_file(file_path, parent):
-    """Collects the benchmark files (bench_*.py) when pytest is pointed at bench/."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # A file named on the command line is already collected by pytest itself.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
