@@ -12,8 +12,9 @@ Executions (the "impl" of each benchmark; one group per model, batch, routed fra
   dense          : SpotTune as the authors run it (execution="dense": both copies on the whole batch).
   grouped_torch  : SpotTune grouped (each image through its chosen copy only), plain-torch row ops.
   grouped        : SpotTune grouped with the project's row-op kernels (backend "cpp" on CPU, "cuda" on GPU).
-  <impl>+compile : the same under torch.compile (GPU, or with SPOTTUNE_BENCH=full on CPU, where compiling
-                   takes minutes); a variant that fails to compile is reported as skipped with the error.
+  <impl>+compile : the same under torch.compile, in the "targets" selection on GPU and in the "full" one
+                   (not in the quick pass; on CPU compiling takes minutes per variant); a variant that
+                   fails to compile is reported as skipped with the compiler's error.
 
 Routed fraction (the "fraction" of each group): 0, 0.25, 0.5, 0.75, 1 are fixed decisions (in every
 block exactly round(f * B) random images take the fine-tuned copy), the same for every execution so
@@ -76,7 +77,7 @@ FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, "policy")
 SPOTTUNE = {"dense": ("dense", "auto"), "grouped_torch": ("grouped", "torch"), "grouped": ("grouped", KERNELS)}
 INFERENCE_IMPLS = ["plain", "plain+policy", *SPOTTUNE]
 TRAIN_IMPLS = ["finetune", *SPOTTUNE]
-COMPILE = HAS_CUDA or SELECTION == "full"
+COMPILE = SELECTION == "full" or (HAS_CUDA and SELECTION == "targets")
 if COMPILE:
     INFERENCE_IMPLS += [f"{impl}+compile" for impl in INFERENCE_IMPLS]
     TRAIN_IMPLS += [f"{impl}+compile" for impl in TRAIN_IMPLS]
