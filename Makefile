@@ -7,7 +7,7 @@ export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/include/cuda_runtime.h),/usr
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 BENCH_QUICK := --benchmark-min-rounds=2 --benchmark-max-time=0.05 --benchmark-warmup=off --benchmark-disable-gc
 
-.PHONY: setup build test bench demo cmake-check clean
+.PHONY: setup build test bench bench-full demo cmake-check clean
 
 setup: $(VENV)/.installed build
 
@@ -30,6 +30,16 @@ test: setup
 
 bench: setup
 	$(PYTEST) bench/ -q --benchmark-columns=median,iqr,rounds --benchmark-json=bench/last_run.json
+
+# Every model, batch, routed fraction and execution of bench/bench_models.py (hours on a small CPU),
+# its report bench/e2e_<device>.md and throughput plot bench/throughput_<device>.png.
+bench-full: setup
+	dev=$$($(PY) -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')"); \
+	SPOTTUNE_BENCH=full $(PYTEST) bench/ -q -k bench_models --benchmark-columns=median,iqr,rounds \
+	  --benchmark-json=bench/models_$$dev.json && \
+	$(PY) bench/plot.py bench/models_$$dev.json --out bench/throughput_$$dev.png && \
+	$(PY) bench/report.py bench/models_$$dev.json --title "End to end, $$dev" --figure throughput_$$dev.png \
+	  --out bench/e2e_$$dev.md
 
 # The C++ library for libtorch users (CMakeLists.txt), CPU kernels; a torch with CUDA support
 # needs its toolkit found by CMake even then (nvrtc ships in the nvidia wheels).

@@ -26,9 +26,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 from torchvision.models import resnet50
 
+from _common import cpu_peak_bytes
 from spottune_ext import RoutedBottleneck, run_blocks
 
 BATCH, SIZE, SEED = 16, 112, 0
@@ -133,17 +133,6 @@ def test_train_step(benchmark, setup, variant):
     benchmark(run)
 
 
-def _peak_bytes(step) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.benchmark(group="train-memory")
 @pytest.mark.parametrize("variant", ["grouped", "dense", "plain_resnet50"])
 def test_train_step_peak_memory(benchmark, setup, variant):
@@ -153,7 +142,7 @@ def test_train_step_peak_memory(benchmark, setup, variant):
 
     def measure():
         clear_grads()
-        return _peak_bytes(step)
+        return cpu_peak_bytes(step)
 
     peak = benchmark.pedantic(measure, rounds=1, iterations=1)
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))

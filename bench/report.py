@@ -5,7 +5,9 @@
 Every number in the output comes from the run. Each benchmark carries in extra_info its
 implementation name ("impl") and the group's baseline ("baseline"); a benchmark may also declare
 targets: extra_info["targets"] = [{"vs": impl, "max_ratio": r}, ...] (time ratio to the other
-implementation's median in the same group), which the report marks met or missed.
+implementation's median in the same group), which the report marks met or missed. A group whose
+benchmarks name a metric (extra_info["metric"] = a key of extra_info, e.g. "peak_mib") is compared on
+that value instead of the time. --figure adds a link to an image (e.g. bench/plot.py's PNG).
 """
 import argparse
 import datetime
@@ -20,7 +22,13 @@ def _fmt_time(seconds):
             return f"{seconds * scale:.3g} {unit}"
 
 
-def render(run, title):
+def _value(bench):
+    """What the group compares: extra_info[metric] when the benchmark names one, else the median time."""
+    metric = bench["extra_info"].get("metric")
+    return bench["extra_info"][metric] if metric else bench["stats"]["median"]
+
+
+def render(run, title, figures=()):
     machine = run.get("machine_info", {})
     cpu = machine.get("cpu", {}).get("brand_raw", "unknown CPU")
     stamp = run.get("datetime", datetime.datetime.now(datetime.timezone.utc).isoformat())[:19].replace("T", " ")
@@ -33,24 +41,30 @@ def render(run, title):
     target_lines = []
     for group in sorted(groups):
         benches = groups[group]
-        medians = {b["extra_info"].get("impl", b["name"]): b["stats"]["median"] for b in benches}
+        values = {b["extra_info"].get("impl", b["name"]): _value(b) for b in benches}
         baseline = benches[0]["extra_info"].get("baseline")
-        lines += [f"### {group}", "", f"| implementation | median | IQR | rounds | vs {baseline} |", "|---|---|---|---|---|"]
-        for b in sorted(benches, key=lambda b: b["stats"]["median"]):
+        metric = benches[0]["extra_info"].get("metric")
+        header = f"| implementation | {metric} | median time | IQR | rounds | vs {baseline} |" if metric else \
+            f"| implementation | median | IQR | rounds | vs {baseline} |"
+        lines += [f"### {group}", "", header, "|---|---|---|---|---|" + ("---|" if metric else "")]
+        for b in sorted(benches, key=_value):
             impl = b["extra_info"].get("impl", b["name"])
-            ratio = f"{b['stats']['median'] / medians[baseline]:.3f}x" if baseline in medians else "-"
-            lines.append(f"| {impl} | {_fmt_time(b['stats']['median'])} | {_fmt_time(b['stats']['iqr'])} | "
+            ratio = f"{_value(b) / values[baseline]:.3f}x" if baseline in values else "-"
+            shown = f"{_value(b)} | " if metric else ""
+            lines.append(f"| {impl} | {shown}{_fmt_time(b['stats']['median'])} | {_fmt_time(b['stats']['iqr'])} | "
                          f"{b['stats']['rounds']} | {ratio} |")
             for target in b["extra_info"].get("targets", []):
-                if target["vs"] not in medians:
+                if target["vs"] not in values:
                     continue
-                ratio_t = b["stats"]["median"] / medians[target["vs"]]
+                ratio_t = _value(b) / values[target["vs"]]
                 verdict = "met" if ratio_t <= target["max_ratio"] else "MISSED"
                 target_lines.append(f"- {group}: {impl} / {target['vs']} = {ratio_t:.3f} "
                                     f"(target <= {target['max_ratio']}): {verdict}")
         lines.append("")
     if target_lines:
         lines += ["### Targets", ""] + target_lines + [""]
+    for figure in figures:
+        lines += [f"![{os.path.basename(figure)}]({figure})", ""]
     return "\n".join(lines)
 
 
@@ -59,9 +73,10 @@ def main():
     parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
     parser.add_argument("--title", default="Benchmarks")
     parser.add_argument("--out", help="write here instead of printing")
+    parser.add_argument("--figure", action="append", default=[], help="link this image (path as written in the report)")
     args = parser.parse_args()
     with open(args.json) as f:
-        text = render(json.load(f), args.title)
+        text = render(json.load(f), args.title, args.figure)
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:

@@ -1,0 +1,288 @@
+"""End to end: whole SpotTune models (spottune_ext.convert) against the plain model and fine-tuning.
+
+Models (random weights): torchvision resnet18, resnet50, mobilenet_v2 and spottune_ext.resnet26, every
+block routed, the paper's policy network. CPU: float32, batches 16 and 8 at 112x112. GPU: bf16,
+channels_last, batches 256 and 64 at 224x224.
+
+Executions (the "impl" of each benchmark; one group per model, batch, routed fraction and measure):
+  plain          : the pre-trained model, no routing, no policy (the floor); inference only.
+  plain+policy   : the plain model plus the policy network's forward (what a routed model with all
+                   images on one copy can at best cost); inference only.
+  finetune       : standard fine-tuning, every parameter of the plain model trained; training only.
+  dense          : SpotTune as the authors run it (execution="dense": both copies on the whole batch).
+  grouped_torch  : SpotTune grouped (each image through its chosen copy only), plain-torch row ops.
+  grouped        : SpotTune grouped with the project's row-op kernels (backend "cpp" on CPU, "cuda" on GPU).
+  <impl>+compile : the same under torch.compile, in the "targets" selection on GPU and in the "full" one
+                   (not in the quick pass; on CPU compiling takes minutes per variant); a variant that
+                   fails to compile is reported as skipped with the compiler's error.
+
+Routed fraction (the "fraction" of each group): 0, 0.25, 0.5, 0.75, 1 are fixed decisions (in every
+block exactly round(f * B) random images take the fine-tuned copy), the same for every execution so
+that each does the same work; the policy network still runs in every SpotTune timing, its decisions
+replaced by the fixed ones (values fixed, straight-through gradient kept, so training also
+back-propagates into the policy). "policy" lets the policy decide (eval: argmax; training: Gumbel
+samples); extra_info["routed_fraction"] is the fraction it routed.
+
+Measures:
+  inference   : no_grad forward in eval mode; extra_info["images_per_s"] = batch / median time.
+  train-step  : forward + cross-entropy + backward (no optimizer step), every BatchNorm in eval mode,
+                gradients cleared before each step.
+  train-memory: peak memory of one training step after a warm-up step, extra_info["peak_mib"] (the
+                report's metric for this group): the CUDA allocator's max_memory_allocated on GPU, the
+                profiler's allocation record on CPU (bench/_common.py); weights are not counted.
+
+Selection (SPOTTUNE_BENCH): unset = the quick pass of `make test` (resnet18, fraction 0.5, the small
+batch, 64x64 images on CPU); "targets" = what the targets below need (resnet50, the large batch, fractions 0, 0.5, 1);
+"full" = every model, batch, fraction and execution (`make bench-full`; hours on a 2-core CPU).
+
+Targets (extra_info["targets"], marked by bench/report.py), resnet50, large batch, grouped vs the others:
+  CPU (batch 16, 112x112): at 0.5, inference <= 0.6x dense, training step <= 0.65x dense, faster than
+  grouped_torch in both; at 0 and 1, inference <= 1.03x plain+policy.
+  GPU (H200, bf16, channels_last, batch 256, 224x224): at 0.5, inference <= 0.556x dense (1.8x the
+  throughput) and <= 1/0.85x plain+policy, training step <= 1/1.5x dense, peak memory <= 0.65x dense.
+
+cuDNN autotuning: grouped execution gives each routed conv a data-dependent sub-batch size, and with
+torch.backends.cudnn.benchmark on every new size would be autotuned again inside the timed steps. The
+benchmarks therefore run with cudnn.benchmark off (cuDNN's heuristics pick the algorithm, no
+autotuning), for every execution alike; CUDA timings synchronise the device inside the timed call.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.models import mobilenet_v2, resnet18, resnet50
+
+import spottune_ext
+from _common import peak_bytes, synchronize
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+MEMORY_FORMAT = torch.channels_last if HAS_CUDA else torch.contiguous_format
+SIZE = 224 if HAS_CUDA else 112
+LARGE, SMALL = (256, 64) if HAS_CUDA else (16, 8)
+KERNELS = "cuda" if HAS_CUDA else "cpp"
+SEED, NUM_CLASSES = 0, 10
+SELECTION = os.environ.get("SPOTTUNE_BENCH", "quick")
+if SELECTION not in ("quick", "targets", "full"):
+    raise ValueError(f"SPOTTUNE_BENCH must be unset, 'targets' or 'full', got {SELECTION!r}")
+if SELECTION == "quick" and not HAS_CUDA:
+    SIZE = 64  # keeps `make test` short on a small CPU
+
+MODELS = {"resnet18": resnet18, "resnet50": resnet50, "resnet26": spottune_ext.resnet26, "mobilenet_v2": mobilenet_v2}
+FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, "policy")
+SPOTTUNE = {"dense": ("dense", "auto"), "grouped_torch": ("grouped", "torch"), "grouped": ("grouped", KERNELS)}
+INFERENCE_IMPLS = ["plain", "plain+policy", *SPOTTUNE]
+TRAIN_IMPLS = ["finetune", *SPOTTUNE]
+COMPILE = SELECTION == "full" or (HAS_CUDA and SELECTION == "targets")
+if COMPILE:
+    INFERENCE_IMPLS += [f"{impl}+compile" for impl in INFERENCE_IMPLS]
+    TRAIN_IMPLS += [f"{impl}+compile" for impl in TRAIN_IMPLS]
+
+if SELECTION == "full":
+    CASES = [(m, b, f) for m in MODELS for b in (LARGE, SMALL) for f in FRACTIONS]
+elif SELECTION == "targets":
+    CASES = [("resnet50", LARGE, f) for f in (0.0, 0.5, 1.0)]
+else:
+    CASES = [("resnet18", SMALL, 0.5)]
+
+
+def _targets(measure, model, batch, fraction):
+    """The targets of the grouped execution in this group (see the module docstring)."""
+    if model != "resnet50" or batch != LARGE:
+        return []
+    if not HAS_CUDA:
+        if fraction == 0.5 and measure == "inference":
+            return [{"vs": "dense", "max_ratio": 0.6}, {"vs": "grouped_torch", "max_ratio": 1.0}]
+        if fraction == 0.5 and measure == "train-step":
+            return [{"vs": "dense", "max_ratio": 0.65}, {"vs": "grouped_torch", "max_ratio": 1.0}]
+        if fraction in (0.0, 1.0) and measure == "inference":
+            return [{"vs": "plain+policy", "max_ratio": 1.03}]
+        return []
+    if fraction != 0.5:
+        return []
+    return {"inference": [{"vs": "dense", "max_ratio": 0.556}, {"vs": "plain+policy", "max_ratio": round(1 / 0.85, 3)}],
+            "train-step": [{"vs": "dense", "max_ratio": round(1 / 1.5, 3)}],
+            "train-memory": [{"vs": "dense", "max_ratio": 0.65, "metric": "peak_mib"}]}[measure]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_cudnn_autotuning():
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    yield
+    torch.backends.cudnn.benchmark = previous
+
+
+class _Case:
+    """One model at one batch size: the plain model, its SpotTune conversions (built once), the data."""
+
+    def __init__(self, model_name, batch):
+        torch.manual_seed(SEED)
+        plain = MODELS[model_name]()
+        self.plain = plain.to(DEVICE, DTYPE, memory_format=MEMORY_FORMAT).eval()
+        self.spottune = {}
+        for impl, (execution, backend) in SPOTTUNE.items():
+            torch.manual_seed(SEED)  # the same policy weights in every execution
+            self.spottune[impl] = spottune_ext.convert(plain, execution=execution, backend=backend).eval()
+        g = torch.Generator().manual_seed(SEED)
+        self.x = torch.randn(batch, 3, SIZE, SIZE, generator=g).to(DEVICE, DTYPE, memory_format=MEMORY_FORMAT)
+        self.labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(DEVICE)
+        num_routed = self.spottune["grouped"].num_routed
+        self.fixed = {}
+        for fraction in FRACTIONS[:-1]:
+            ranks = torch.rand(batch, num_routed, generator=g).argsort(0).argsort(0)
+            self.fixed[fraction] = (ranks < round(fraction * batch)).to(DEVICE, DTYPE)
+
+
+_CACHE = {}
+
+
+def _case(model_name, batch):
+    if (model_name, batch) not in _CACHE:
+        _CACHE.clear()  # one model in memory at a time
+        _CACHE[(model_name, batch)] = _Case(model_name, batch)
+    return _CACHE[(model_name, batch)]
+
+
+def _spottune_forward(model, x, fixed):
+    """Logits with the policy run; `fixed` (or None for the policy's own) replaces its decisions."""
+    if fixed is None:
+        return model(x)
+    decided = model.decide(x)
+    return model(x, fixed + (decided - decided.detach()))
+
+
+def _maybe_compile(fn, impl):
+    if not impl.endswith("+compile"):
+        return fn
+    compiled = torch.compile(fn)
+
+    def call():
+        try:
+            return compiled()
+        except Exception as err:  # noqa: BLE001 - any compiler failure means "does not compile"
+            pytest.skip(f"torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+
+    return call
+
+
+def _inference_fn(case, impl, fraction):
+    base = impl.removesuffix("+compile")
+    fixed = None if fraction == "policy" else case.fixed[fraction]
+    if base == "plain":
+        fn = lambda: case.plain(case.x)  # noqa: E731
+    elif base == "plain+policy":
+        policy = case.spottune["grouped"].policy.eval()
+        fn = lambda: (case.plain(case.x), policy(case.x))  # noqa: E731
+    else:
+        model = case.spottune[base].eval()
+        fn = lambda: _spottune_forward(model, case.x, fixed)  # noqa: E731
+    return _maybe_compile(fn, impl)
+
+
+def _train_setup(case, impl, fraction):
+    """(model, clear_grads, step) for one training step: forward + loss + backward, BatchNorm in eval."""
+    base = impl.removesuffix("+compile")
+    fixed = None if fraction == "policy" else case.fixed[fraction]
+    if base == "finetune":
+        model = copy.deepcopy(case.plain).requires_grad_(True).eval()
+        forward = lambda: model(case.x)  # noqa: E731
+    else:
+        model = case.spottune[base].train()
+        forward = lambda: _spottune_forward(model, case.x, fixed)  # noqa: E731
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = _maybe_compile(lambda: F.cross_entropy(forward()[:, :NUM_CLASSES].float(), case.labels), impl)
+
+    def clear_grads():
+        for p in params:
+            p.grad = None
+
+    def step():
+        loss_fn().backward()
+        synchronize(DEVICE)
+
+    return model, clear_grads, step
+
+
+def _record(benchmark, impl, measure, model_name, batch, fraction):
+    benchmark.extra_info.update(impl=impl, baseline="dense", model=model_name, batch=batch, size=SIZE,
+                                fraction=fraction, measure=measure, dtype=str(DTYPE).removeprefix("torch."),
+                                targets=_targets(measure, model_name, batch, fraction) if impl == "grouped" else [])
+
+
+def _routed_fraction(case, impl, fraction):
+    if fraction != "policy" or impl not in SPOTTUNE:
+        return fraction
+    return round(float(case.spottune[impl].last_policy.float().mean()), 4)
+
+
+def _cases(impls):
+    return [pytest.param(m, b, f, impl, id=f"{m}-b{b}-{f}-{impl}") for m, b, f in CASES for impl in impls]
+
+
+@pytest.mark.parametrize("model_name, batch, fraction, impl", _cases(INFERENCE_IMPLS))
+def test_inference(benchmark, model_name, batch, fraction, impl):
+    case = _case(model_name, batch)
+    benchmark.group = f"{model_name} b{batch} fraction {fraction}: inference"
+    _record(benchmark, impl, "inference", model_name, batch, fraction)
+    fn = _inference_fn(case, impl, fraction)
+
+    def run():
+        out = fn()
+        synchronize(DEVICE)
+        return out
+
+    with torch.no_grad():
+        run()  # warm-up (and compilation)
+        out = benchmark(run)
+    logits = out[0] if impl.startswith("plain+policy") else out
+    assert logits.shape[0] == batch and torch.isfinite(logits.float()).all()
+    benchmark.extra_info["routed_fraction"] = _routed_fraction(case, impl, fraction)
+    if benchmark.stats is not None:
+        benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
+
+
+@pytest.mark.parametrize("model_name, batch, fraction, impl", _cases(TRAIN_IMPLS))
+def test_train_step(benchmark, model_name, batch, fraction, impl):
+    case = _case(model_name, batch)
+    benchmark.group = f"{model_name} b{batch} fraction {fraction}: train-step"
+    _record(benchmark, impl, "train-step", model_name, batch, fraction)
+    model, clear_grads, step = _train_setup(case, impl, fraction)
+
+    def run():
+        clear_grads()
+        step()
+
+    run()  # warm-up (and compilation)
+    benchmark(run)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) or fraction in (0.0, 1.0, "policy")
+    benchmark.extra_info["routed_fraction"] = _routed_fraction(case, impl, fraction)
+    if benchmark.stats is not None:
+        benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
+
+
+@pytest.mark.parametrize("model_name, batch, fraction, impl", _cases(TRAIN_IMPLS))
+def test_train_step_peak_memory(benchmark, model_name, batch, fraction, impl):
+    case = _case(model_name, batch)
+    benchmark.group = f"{model_name} b{batch} fraction {fraction}: train-memory"
+    _record(benchmark, impl, "train-memory", model_name, batch, fraction)
+    model, clear_grads, step = _train_setup(case, impl, fraction)
+    clear_grads()
+    step()  # warm-up: one-time allocations (and compilation) are not the step's
+
+    def measure():
+        clear_grads()
+        return peak_bytes(step, DEVICE)
+
+    peak = benchmark.pedantic(measure, rounds=1, iterations=1)
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    benchmark.extra_info.update(metric="peak_mib", peak_mib=round(peak / 2**20, 1), weights_mib=round(weights / 2**20, 1))
+    assert peak > 0

@@ -1,0 +1,59 @@
+"""bench/report.py and bench/plot.py on a small hand-made pytest-benchmark run."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench(group, impl, median, **extra):
+    return {"name": f"test[{impl}]", "group": group, "stats": {"median": median, "iqr": 0.0, "rounds": 3},
+            "extra_info": {"impl": impl, "baseline": "dense", **extra}}
+
+
+def _run():
+    benches = []
+    for fraction, grouped, dense in ((0.0, 0.5, 1.0), (0.5, 0.7, 1.0), (1.0, 0.9, 1.0), ("policy", 0.6, 1.0)):
+        info = dict(measure="inference", model="resnet50", batch=16, fraction=fraction,
+                    routed_fraction=0.4 if fraction == "policy" else fraction)
+        group = f"resnet50 b16 fraction {fraction}: inference"
+        benches.append(_bench(group, "grouped", grouped, images_per_s=16 / grouped, **info,
+                              targets=[{"vs": "dense", "max_ratio": 0.6}]))
+        benches.append(_bench(group, "dense", dense, images_per_s=16 / dense, **info))
+    memory = "resnet50 b16 fraction 0.5: train-memory"
+    benches.append(_bench(memory, "grouped", 2.0, metric="peak_mib", peak_mib=60.0, measure="train-memory",
+                          targets=[{"vs": "dense", "max_ratio": 0.65, "metric": "peak_mib"}]))
+    benches.append(_bench(memory, "dense", 1.0, metric="peak_mib", peak_mib=100.0, measure="train-memory"))
+    return {"benchmarks": benches, "machine_info": {}, "datetime": "2026-01-01T00:00:00"}
+
+
+def test_report_targets_and_metric():
+    text = _load("report").render(_run(), "t", ["throughput_cpu.png"])
+    assert "fraction 0.0: inference: grouped / dense = 0.500 (target <= 0.6): met" in text
+    assert "fraction 1.0: inference: grouped / dense = 0.900 (target <= 0.6): MISSED" in text
+    # the memory group compares peak_mib (60 / 100), not the time (2.0 / 1.0)
+    assert "train-memory: grouped / dense = 0.600 (target <= 0.65): met" in text
+    assert "| grouped | 60.0 | 2 s | 0 us | 3 | 0.600x |" in text
+    assert "![throughput_cpu.png](throughput_cpu.png)" in text
+
+
+def test_plot_points_and_png(tmp_path):
+    plot = _load("plot")
+    points = plot.throughput_points(_run())
+    batch, lines = points["resnet50"]
+    assert batch == 16
+    assert lines["grouped"]["fixed"] == [(0.0, 32.0), (0.5, 16 / 0.7), (1.0, 16 / 0.9)]
+    assert lines["grouped"]["policy"] == (0.4, 16 / 0.6)
+    out = tmp_path / "t.png"
+    plot.plot(_run(), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no inference benchmark"):
+        plot.plot({"benchmarks": []}, tmp_path / "empty.png")
