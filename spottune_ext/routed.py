@@ -12,7 +12,8 @@ Execution (``execution``, settable at any time):
 * ``"grouped"`` (default): the batch is split by route (spottune_ext.route_plan), the input rows are
   permuted once (gather_rows) so that each copy runs on a contiguous sub-batch (a view, no
   copy), and both results are written back with one combine_rows, which also does the identity
-  shortcut's add and the final ReLU. Without autograd each image is computed once, through its
+  shortcut's add and the final ReLU (with a downsample, each copy adds its own shortcut to its
+  main branch first and the combine does the ReLU). Without autograd each image is computed once, through its
   chosen copy only; when every image takes one route the block runs that copy directly.
   With autograd the values and the gradients to the input and to the weights are those of the
   chosen copy (the other copy's coefficient is exactly 0). The decision gets the gradient
