@@ -1,6 +1,6 @@
 """The GPU check: one script for a machine with an NVIDIA GPU (run from the repository root).
 
-    python bench/gpu_check.py [--out DIR] [--skip-build] [--bench-time SECONDS]
+    python bench/gpu_check.py [--out DIR] [--skip-build] [--bench-time SECONDS] [--with-compile]
 
 1. builds the extension with this machine's own torch (CUDA kernels forced on, for this GPU's
    architecture), 2. runs the CUDA and Triton tests, 3. measures the device's two ceilings once
@@ -63,6 +63,7 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "gpu_results"))
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--bench-time", type=float, default=0.2, help="pytest-benchmark max time per benchmark")
+    parser.add_argument("--with-compile", action="store_true", help="also time the torch.compile variants")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -105,10 +106,14 @@ def main():
     summary["ceilings"] = ceilings(torch)
     print("ceilings:", json.dumps({k: round(v, 1) for k, v in summary["ceilings"].items()}), flush=True)
 
+    # The end-to-end models at the targets' settings (bench/bench_models.py); the torch.compile
+    # variants take minutes each to compile, so they run only on request.
     bench_json = os.path.join(args.out, "gpu_bench.json")
-    rc, secs = run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
+    select = [] if args.with_compile else ["-k", "not compile"]
+    rc, secs = run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", *select,
                     f"--benchmark-max-time={args.bench_time}", "--benchmark-min-rounds=5",
-                    f"--benchmark-json={bench_json}"], os.path.join(args.out, "bench.log"), env)
+                    f"--benchmark-json={bench_json}"], os.path.join(args.out, "bench.log"),
+                   dict(env, SPOTTUNE_BENCH="targets"))
     summary["bench"] = {"rc": rc, "seconds": round(secs, 1)}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
