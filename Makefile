@@ -7,7 +7,7 @@ export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/include/cuda_runtime.h),/usr
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 BENCH_QUICK := --benchmark-min-rounds=2 --benchmark-max-time=0.05 --benchmark-warmup=off --benchmark-disable-gc
 
-.PHONY: setup build test bench bench-full demo cmake-check clean
+.PHONY: setup build test bench bench-full results demo cmake-check clean
 
 setup: $(VENV)/.installed build
 
@@ -40,6 +40,16 @@ bench-full: setup
 	$(PY) bench/plot.py bench/models_$$dev.json --out bench/throughput_$$dev.png && \
 	$(PY) bench/report.py bench/models_$$dev.json --title "End to end, $$dev" --figure throughput_$$dev.png \
 	  --out bench/e2e_$$dev.md
+
+# bench/RESULTS.md from one run on this machine: the op and block benchmarks, then the end-to-end
+# cases the targets need, with the throughput plot (a quarter of an hour or more on 2 CPU cores).
+results: setup
+	$(PYTEST) bench/bench_gumbel_st.py bench/bench_route_ops.py bench/bench_routed.py -q --benchmark-json=bench/ops_run.json
+	SPOTTUNE_BENCH=targets $(PYTEST) bench/bench_models.py -q --benchmark-json=bench/models_run.json
+	$(PY) bench/plot.py bench/models_run.json --out bench/throughput_cpu.png
+	$(PY) bench/report.py bench/ops_run.json bench/models_run.json --preamble bench/RESULTS_preamble.md \
+	  --title "Ops and routed blocks, CPU" --title "End to end, CPU (ResNet-50, batch 16, 112x112)" \
+	  --figure throughput_cpu.png --out bench/RESULTS.md
 
 # The C++ library for libtorch users (CMakeLists.txt), CPU kernels; a torch with CUDA support
 # needs its toolkit found by CMake even then (nvrtc ships in the nvidia wheels).

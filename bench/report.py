@@ -1,6 +1,6 @@
 """Turns a pytest-benchmark JSON run into the markdown of bench/RESULTS.md.
 
-    python bench/report.py bench/last_run.json [--out bench/RESULTS.md] [--title "CPU, 2 cores"]
+    python bench/report.py RUN.json [RUN2.json ...] [--title T ...] [--preamble FILE] [--out bench/RESULTS.md]
 
 Every number in the output comes from the run. Each benchmark carries in extra_info its
 implementation name ("impl") and the group's baseline ("baseline"); a benchmark may also declare
@@ -70,13 +70,22 @@ def render(run, title, figures=()):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
-    parser.add_argument("--title", default="Benchmarks")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json outputs, one section each")
+    parser.add_argument("--title", action="append", default=[], help="a section title per JSON file")
+    parser.add_argument("--preamble", help="a markdown file placed before the sections")
     parser.add_argument("--out", help="write here instead of printing")
-    parser.add_argument("--figure", action="append", default=[], help="link this image (path as written in the report)")
+    parser.add_argument("--figure", action="append", default=[],
+                        help="link this image (path as written in the report) after the last section")
     args = parser.parse_args()
-    with open(args.json) as f:
-        text = render(json.load(f), args.title, args.figure)
+    titles = args.title + [f"Benchmarks {i + 1}" for i in range(len(args.title), len(args.json))]
+    parts = []
+    if args.preamble:
+        with open(args.preamble) as f:
+            parts.append(f.read().rstrip() + "\n")
+    for i, (path, title) in enumerate(zip(args.json, titles)):
+        with open(path) as f:
+            parts.append(render(json.load(f), title, args.figure if i == len(args.json) - 1 else ()))
+    text = "\n".join(parts)
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
