@@ -20,7 +20,10 @@ SHAPES = [pytest.param((16, 256, 28, 28), id="16x256x28x28"), pytest.param((16, 
 LAYOUTS = ["nchw", "channels_last"]
 
 
-def _timed(benchmark, device, fn):
+def _timed(benchmark, backend, device, fn):
+    # The report compares each backend with plain torch on the same device.
+    benchmark.extra_info.update(impl=f"{backend}-{device}", baseline=f"torch-{device}")
+
     def run():
         out = fn()
         if device == "cuda":
@@ -44,7 +47,7 @@ def _perm(n, device):
 def test_route_plan(benchmark, backend, device, B, L):
     benchmark.group = f"route_plan [{B}, {L}] chain"
     d = (torch.rand(B, L, generator=torch.Generator().manual_seed(0)) < 0.5).float().to(device)
-    _timed(benchmark, device, lambda: se.route_plan(d, chain=True, backend=backend))
+    _timed(benchmark, backend, device, lambda: se.route_plan(d, chain=True, backend=backend))
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
@@ -56,7 +59,7 @@ def test_gather_rows(benchmark, backend, device, shape, layout, masked):
     x = _tensor(shape, device, layout, 1)
     mask = _tensor(shape, device, layout, 2) if masked else None
     index = _perm(shape[0], device)
-    _timed(benchmark, device, lambda: se.gather_rows(x, index, mask, backend=backend))
+    _timed(benchmark, backend, device, lambda: se.gather_rows(x, index, mask, backend=backend))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "residual_relu"])
@@ -69,4 +72,4 @@ def test_combine_rows(benchmark, backend, device, shape, layout, fused):
     src0, src1 = src[: shape[0] // 2], src[shape[0] // 2:]
     residual = _tensor(shape, device, layout, 2) if fused else None
     dest = _perm(shape[0], device)
-    _timed(benchmark, device, lambda: se.combine_rows(src0, src1, dest, residual, fused, backend=backend))
+    _timed(benchmark, backend, device, lambda: se.combine_rows(src0, src1, dest, residual, fused, backend=backend))

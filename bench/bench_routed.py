@@ -83,6 +83,20 @@ VARIANTS = {  # name: (network, execution, row-op backend)
 }
 
 
+# Targets of grouped execution (time or peak-memory ratios, marked by bench/report.py).
+TARGETS = {
+    "inference": [{"vs": "dense", "max_ratio": 0.55}, {"vs": "plain_resnet50", "max_ratio": 1.08},
+                  {"vs": "grouped_torch_rows", "max_ratio": 1.0}],
+    "train-step": [{"vs": "dense", "max_ratio": 0.62}, {"vs": "plain_resnet50", "max_ratio": 1.18}],
+    "train-memory": [{"vs": "dense", "max_ratio": 0.65}],
+}
+
+
+def _describe(benchmark, group, variant):
+    benchmark.extra_info.update(impl=variant, baseline="dense",
+                                targets=TARGETS[group] if variant == "grouped" else [])
+
+
 def _model(setup, variant):
     plain, routed, x, decisions, labels = setup
     network, execution, backend = VARIANTS[variant]
@@ -115,6 +129,7 @@ def _train_step(setup, variant):
 @pytest.mark.benchmark(group="inference")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_inference(benchmark, setup, variant):
+    _describe(benchmark, "inference", variant)
     _, forward = _model(setup, variant)
     with torch.no_grad():
         out = benchmark(forward)
@@ -124,6 +139,7 @@ def test_inference(benchmark, setup, variant):
 @pytest.mark.benchmark(group="train-step")
 @pytest.mark.parametrize("variant", ["grouped", "dense", "plain_resnet50"])
 def test_train_step(benchmark, setup, variant):
+    _describe(benchmark, "train-step", variant)
     _, clear_grads, step = _train_step(setup, variant)
 
     def run():
@@ -136,6 +152,8 @@ def test_train_step(benchmark, setup, variant):
 @pytest.mark.benchmark(group="train-memory")
 @pytest.mark.parametrize("variant", ["grouped", "dense", "plain_resnet50"])
 def test_train_step_peak_memory(benchmark, setup, variant):
+    _describe(benchmark, "train-memory", variant)
+    benchmark.extra_info["metric"] = "peak_mib"
     model, clear_grads, step = _train_step(setup, variant)
     clear_grads()
     step()  # warm-up: one-time allocations are not the step's
