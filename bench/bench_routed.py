@@ -97,31 +97,30 @@ def _describe(benchmark, group, variant):
                                 targets=TARGETS[group] if variant == "grouped" else [])
 
 
-def _model(setup, variant):
-    plain, routed, x, decisions, labels = setup
+def _model(setup, variant, decisions=None):
+    """(model, forward) for a variant; decisions replaces the routed network's default ones."""
+    plain, routed, x, default_decisions, _ = setup
     network, execution, backend = VARIANTS[variant]
     if network == "plain":
         return plain, lambda: plain(x)
     routed.configure(execution, backend)
+    decisions = default_decisions if decisions is None else decisions
     return routed, lambda: routed(x, decisions)
 
 
 def _train_step(setup, variant):
-    """(clear_grads, step): step = forward + loss + backward; clear_grads sets every gradient to None."""
-    plain, routed, x, decisions, labels = setup
-    model, forward = _model(setup, variant)
-    d = decisions.clone().requires_grad_(model is routed)
-    if model is routed:
-        forward = lambda: routed(x, d)  # noqa: E731
-    params = [p for p in model.parameters() if p.requires_grad]
+    """(model, clear_grads, step): step = forward + loss + backward (the routed network's decisions
+    require grad); clear_grads sets every gradient to None."""
+    decisions = setup[3].clone().requires_grad_(True)
+    model, forward = _model(setup, variant, decisions)
+    grads_of = [p for p in model.parameters() if p.requires_grad] + [decisions]
 
     def clear_grads():
-        for p in params:
-            p.grad = None
-        d.grad = None
+        for t in grads_of:
+            t.grad = None
 
     def step():
-        F.cross_entropy(forward(), labels).backward()
+        F.cross_entropy(forward(), setup[4]).backward()
 
     return model, clear_grads, step
 

@@ -155,7 +155,7 @@ def test_row_op_backends_agree_exactly(name, backend):
     for e, g in zip(expected[:3], got[:3]):
         assert torch.equal(e, g)
     assert all(torch.equal(e, g) for e, g in zip(expected[3], got[3]))
-    stem, modules = _resnet18_blocks(1)
+    _, modules = _resnet18_blocks(1)
     d = _decisions(3, "random", seed=2, columns=8)
     x = torch.randn(3, 64, 4, 4)
     for m in modules:
@@ -496,7 +496,7 @@ def test_run_blocks_matches_dense_chain(factory, batch, kind):
 
 
 def test_run_blocks_plans_once_and_gathers_once(monkeypatch):
-    stem, modules = _resnet18_blocks(1)
+    _, modules = _resnet18_blocks(1)
     for m in modules:
         m.eval()
     calls = {"route_plan": 0, "gather_rows": 0}
@@ -517,7 +517,7 @@ def test_run_blocks_plans_once_and_gathers_once(monkeypatch):
 
 
 def test_run_blocks_with_non_routed_modules_between():
-    stem, modules = _resnet18_blocks(2)
+    _, modules = _resnet18_blocks(2)
     plain = BasicBlock(64, 64).eval()
     _randomize_bn(plain)
     modules = [m.eval() for m in modules]
