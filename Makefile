@@ -7,7 +7,7 @@ export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/include/cuda_runtime.h),/usr
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 BENCH_QUICK := --benchmark-min-rounds=2 --benchmark-max-time=0.05 --benchmark-warmup=off --benchmark-disable-gc
 
-.PHONY: setup build test bench bench-full results demo cmake-check clean
+.PHONY: setup build test bench bench-full results accuracy demo cmake-check clean
 
 setup: $(VENV)/.installed build
 
@@ -50,6 +50,14 @@ results: setup
 	$(PY) bench/report.py bench/ops_run.json bench/models_run.json --preamble bench/RESULTS_preamble.md \
 	  --title "Ops and routed blocks, CPU" --title "End to end, CPU (ResNet-50, batch 16, 112x112)" \
 	  --figure throughput_cpu.png --out bench/RESULTS.md
+
+# The accuracy study (bench/study.py list shows its grid): bench/accuracy/ run records, then
+# bench/ACCURACY.md. Resumable: a run whose record exists is skipped.
+accuracy: setup
+	$(PY) bench/study.py tune --jobs 2 --threads 1
+	$(PY) bench/study.py diagnose --jobs 2 --threads 1
+	$(PY) bench/study.py run --jobs 2 --threads 1
+	$(PY) bench/study.py report
 
 # The C++ library for libtorch users (CMakeLists.txt), CPU kernels; a torch with CUDA support
 # needs its toolkit found by CMake even then (nvrtc ships in the nvidia wheels).

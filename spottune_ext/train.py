@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import plots
 from .data import DataNotFoundError, build_datasets, cap_per_class, merge_train_val
-from .models import (STRATEGIES, DecathlonResNet, SpotTuneModel, convert, load_checkpoint, parameter_counts,
-                     read_weights, save_checkpoint)
+from .models import (STRATEGIES, DecathlonResNet, SpotTuneModel, convert, export_global, load_checkpoint,
+                     parameter_counts, read_weights, save_checkpoint)
 from .models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .models.families import family_of
 from .models.weights import MOBILENET_V2_OFFLINE, sha256_of
@@ -77,12 +77,18 @@ def build_parser():
     m.add_argument("--policy-widths", type=int, nargs="+", help="channels of the policy network's blocks")
     m.add_argument("--policy-stem-width", type=int, help="channels of the policy network's stem (default 32)")
     m.add_argument("--policy-input-size", type=int, help="resize images to this size for the policy network")
+    m.add_argument("--policy-init-tuned", type=float, metavar="P",
+                   help="a fresh policy sends each image to a fine-tuned copy with probability about P "
+                        "(default: unbiased, about 0.5)")
     m.add_argument("--eval-sample", action="store_true",
                    help="sample the policy's decisions in evaluation too (the authors' choice); default: argmax")
     m.add_argument("--execution", default="grouped", choices=("grouped", "dense"))
     m.add_argument("--backend", default="auto", help="kernel backend of the routed blocks")
     m.add_argument("--frozen-bn", default="eval", choices=("eval", "train"),
                    help="eval: frozen parts are truly frozen; train: only frozen conv weights (the authors')")
+    m.add_argument("--bn-stats", default="batch", choices=("batch", "running"),
+                   help="batch: BatchNorm layers that train use batch statistics; running: every backbone BatchNorm "
+                        "keeps its pre-trained running statistics in training too (affine parameters still train)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, help="built-in data set name or a data directory")
@@ -296,14 +302,16 @@ def build_model(args, backbone, num_classes):
             policy["input_size"] = args.policy_input_size
         if args.policy_stem_width:
             policy["stem_width"] = args.policy_stem_width
+        if args.policy_init_tuned is not None:
+            policy["init_tuned"] = args.policy_init_tuned
     elif (args.tau is not None or args.policy_widths or args.policy_input_size or args.policy_stem_width
-          or args.eval_sample):
+          or args.eval_sample or args.policy_init_tuned is not None):
         raise UsageError(f"strategy {args.strategy!r} has no learned policy: --tau, --policy-widths, "
                          f"--policy-stem-width, --policy-input-size and --eval-sample do not apply")
     try:
         return convert(backbone, num_classes=num_classes, policy=policy, adaptive_blocks=args.adaptive_blocks,
                        strategy=args.strategy, tau=args.tau, execution=args.execution, backend=args.backend,
-                       frozen_bn=args.frozen_bn, **options)
+                       frozen_bn=args.frozen_bn, bn_stats=args.bn_stats, **options)
     except (ValueError, TypeError) as err:
         raise UsageError(f"cannot build the {args.strategy} model: {err}") from None
 
@@ -497,6 +505,24 @@ def evaluate(net, dataset, args, device, world, rank, progress, desc):
             "images": n, "images_per_s": n / max(max(p["time"] for p in parts), 1e-9),
             "decisions": "/".join(sorted(set().union(*(p["modes"] for p in parts)))),
             "predictions": merged["pred"], "labels": merged["label"], "policies": merged["policy"].astype(np.int64)}
+
+
+@torch.no_grad()
+def evaluate_exported(net, usage_set, test_set, args, device):
+    """The plain network export_global() makes (a block takes its fine-tuned copy where the policy sends at
+    least half of usage_set's images to it), evaluated on usage_set and test_set."""
+    def batches(dataset):
+        return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+
+    def accuracy(model, dataset):
+        correct = 0
+        for x, y in batches(dataset):
+            with _autocast(device, args.amp):
+                correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+        return correct / len(dataset)
+
+    plain = export_global(net, (x.to(device) for x, _ in batches(usage_set)), threshold=0.5).eval()
+    return {"usage_split_accuracy": accuracy(plain, usage_set), "test_accuracy": accuracy(plain, test_set)}
 
 
 def write_policy_outputs(out, result, class_names, dataset_name, split_label):
@@ -723,6 +749,8 @@ def _run(args):
         "eval_decisions": test["decisions"], "parameters": counts, "train_time_s": train_time,
         "replica_weights_sha256": replicas, "outputs": {"dir": str(out), "checkpoint": str(selected)},
     }
+    if net.strategy.exports_plain and net.num_routed:
+        results["exported"] = evaluate_exported(net, train_set if val is None else val_set, test_set, args, device)
     if main_process:
         if net.num_routed > 0:
             results["outputs"].update(write_policy_outputs(out, test, class_names, args.data, split_label))

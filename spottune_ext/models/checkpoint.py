@@ -36,7 +36,8 @@ def build_model(config: Dict) -> nn.Module:
     policy = config["policy"]
     return convert(families.build(config["backbone"]), adaptive_blocks=config["adaptive_blocks"],
                    strategy=strategy.pop("name"), policy=None if policy is None else PolicyNet(**policy),
-                   execution=config["execution"], backend=config["backend"], frozen_bn=config["frozen_bn"], **strategy)
+                   execution=config["execution"], backend=config["backend"], frozen_bn=config["frozen_bn"],
+                   bn_stats=config.get("bn_stats", "batch"), **strategy)
 
 
 def save_checkpoint(model: nn.Module, path: str, extra: Optional[Dict[str, Any]] = None) -> None:

@@ -15,6 +15,9 @@ from .strategies import Strategy, get_strategy
 AdaptiveBlocks = Union[None, Sequence[int], Callable[[int, str], bool]]
 
 
+BN_STATS = ("batch", "running")
+
+
 class SpotTuneModel(nn.Module):
     """A backbone whose blocks are routed, fine-tuned or frozen as its strategy says; made by convert().
 
@@ -33,8 +36,9 @@ class SpotTuneModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, family: families.Family, block_names: List[str], adaptive: List[int],
                  block_modes: List[str], strategy: Strategy, policy: Optional[PolicyNet], routed_options: Dict,
-                 description: Union[Dict, str]) -> None:
+                 description: Union[Dict, str], bn_stats: str = "batch") -> None:
         super().__init__()
+        self.bn_stats = bn_stats
         self.backbone, self.policy, self.strategy, self.family = backbone, policy, strategy, family
         self.block_names, self.adaptive, self.block_modes = block_names, adaptive, block_modes
         self.routed_names = [n for n, m in zip(block_names, block_modes) if m == "routed"]
@@ -95,9 +99,14 @@ class SpotTuneModel(nn.Module):
 
     def train(self, mode: bool = True) -> "SpotTuneModel":
         """As nn.Module.train, but with frozen_bn="eval" the BatchNorm layers that do not train stay in
-        eval mode (running statistics never updated); routed blocks handle their own copies."""
+        eval mode (running statistics never updated); routed blocks handle their own copies. With
+        bn_stats="running" every BatchNorm layer of the backbone stays in eval mode."""
         super().train(mode)
-        if mode and self.routed_options["frozen_bn"] == "eval":
+        if mode and self.bn_stats == "running":
+            for m in self.backbone.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        elif mode and self.routed_options["frozen_bn"] == "eval":
             for m in self._frozen_norms():
                 m.eval()
         return self
@@ -119,13 +128,14 @@ class SpotTuneModel(nn.Module):
             raise TypeError(self._description)
         return {"backbone": self._description, "adaptive_blocks": list(self.adaptive),
                 "strategy": {"name": self.strategy.name, **self.strategy.options()},
-                "policy": None if self.policy is None else self.policy.config(), **self.routed_options}
+                "policy": None if self.policy is None else self.policy.config(), "bn_stats": self.bn_stats,
+                **self.routed_options}
 
 
 def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[None, Dict, PolicyNet] = None,
             adaptive_blocks: AdaptiveBlocks = None, strategy: Union[str, Strategy] = "spottune",
             tau: Optional[float] = None, *, execution: str = "grouped", backend: str = "auto",
-            frozen_bn: str = "eval", **strategy_options) -> SpotTuneModel:
+            frozen_bn: str = "eval", bn_stats: str = "batch", **strategy_options) -> SpotTuneModel:
     """Turns a pre-trained backbone into a SpotTune model (or one of the baseline strategies).
 
     The input model is not modified: convert() works on a copy. Every adaptive block gets the mode
@@ -151,6 +161,12 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
         frozen_bn: "eval" (default): everything frozen is truly frozen, BatchNorm layers included (eval
             mode, running statistics never updated). "train": the authors' choice, only conv weights
             are frozen: every BatchNorm layer follows model.train() and its affine parameters train.
+        bn_stats: "batch" (default): a BatchNorm layer that trains normalises with batch statistics in
+            training (in a routed block, those of the images routed to the same copy). "running": every
+            BatchNorm layer of the backbone normalises with its pre-trained running statistics in
+            training too and never updates them (its affine parameters still train where its block
+            does). Then a fine-tuned copy starts as an exact copy of its frozen block, and grouped
+            execution equals dense execution in training too. The policy network is not affected.
 
     Returns:
         a SpotTuneModel: forward(x) -> logits; last_policy, block_usage(), extra_loss().
@@ -176,6 +192,8 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
         raise ValueError(f"execution must be 'grouped' or 'dense', got {execution!r}")
     if frozen_bn not in ("eval", "train"):
         raise ValueError(f"frozen_bn must be 'eval' or 'train', got {frozen_bn!r}")
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
     if not strategy.uses_policy and (policy is not None or tau is not None):
         raise ValueError(f"strategy {strategy.name!r} has no learned policy; do not pass policy or tau")
 
@@ -215,7 +233,7 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
             raise ValueError(f"strategy {strategy.name!r} needs at least one adaptive block to route")
         policy_net = _make_policy(policy, num_routed, tau, family)
     converted = SpotTuneModel(backbone, family, names, adaptive, modes, strategy, policy_net, routed_options,
-                              description)
+                              description, bn_stats)
     reference = next(backbone.parameters())  # the policy and statistics join the backbone's device and dtype
     return converted.to(device=reference.device, dtype=reference.dtype).train(model.training)
 

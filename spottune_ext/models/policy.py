@@ -32,6 +32,9 @@ class PolicyNet(nn.Module):
             which case they are sampled as in training (the authors' evaluation samples). The mode of
             each call is in `last_mode` ("sample" or "argmax").
         backend: gumbel_st backend.
+        init_tuned: if given, the probability with which a fresh policy sends an image to each block's
+            fine-tuned copy: the output layer's biases start at the log-odds of init_tuned (its weights
+            keep their random initialisation, so the images still differ). None: unbiased (about 1/2).
 
     The temperature is part of the state dict (extra state), so a checkpoint resumes annealing where it was.
 
@@ -42,7 +45,7 @@ class PolicyNet(nn.Module):
 
     def __init__(self, num_blocks: int, widths: Sequence[int] = (64, 128, 256, 512), input_size: Optional[int] = None,
                  tau: float = 5.0, tau_decay: float = 1.0, tau_min: float = 0.5, sample_in_eval: bool = False,
-                 backend: str = "auto", stem_width: int = 32) -> None:
+                 backend: str = "auto", stem_width: int = 32, init_tuned: Optional[float] = None) -> None:
         super().__init__()
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"PolicyNet needs num_blocks >= 1 (the number of routed blocks), got {num_blocks!r}")
@@ -51,6 +54,8 @@ class PolicyNet(nn.Module):
                 raise ValueError(f"PolicyNet: {name} must be finite and > 0, got {value!r}")
         if not 0 < tau_decay <= 1:
             raise ValueError(f"PolicyNet: tau_decay must be in (0, 1], got {tau_decay!r}")
+        if init_tuned is not None and not 0 < init_tuned < 1:
+            raise ValueError(f"PolicyNet: init_tuned must be in (0, 1) or None, got {init_tuned!r}")
         if input_size is not None and input_size < 1:
             raise ValueError(f"PolicyNet: input_size must be a positive int or None, got {input_size!r}")
         self.num_blocks, self.widths, self.input_size = num_blocks, tuple(widths), input_size
@@ -58,7 +63,13 @@ class PolicyNet(nn.Module):
         self.sample_in_eval, self.backend = sample_in_eval, backend
         self.last_mode: Optional[str] = None
         self.stem_width = stem_width
+        self.init_tuned = init_tuned
         self.net = DecathlonResNet(2 * num_blocks, (1,) * len(widths), widths, stem_width)
+        if init_tuned is not None:
+            with torch.no_grad():
+                bias = self.net.fc.bias.view(num_blocks, 2)
+                bias[:, 0] = 0.0
+                bias[:, 1] = math.log(init_tuned / (1 - init_tuned))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, 2] scores of the frozen (0) and fine-tuned (1) copy of every block."""
@@ -90,7 +101,8 @@ class PolicyNet(nn.Module):
     def config(self) -> dict:
         return {"num_blocks": self.num_blocks, "widths": list(self.widths), "input_size": self.input_size,
                 "tau": self.tau, "tau_decay": self.tau_decay, "tau_min": self.tau_min,
-                "sample_in_eval": self.sample_in_eval, "backend": self.backend, "stem_width": self.stem_width}
+                "sample_in_eval": self.sample_in_eval, "backend": self.backend, "stem_width": self.stem_width,
+                "init_tuned": self.init_tuned}
 
     def extra_repr(self) -> str:
         return (f"num_blocks={self.num_blocks}, input_size={self.input_size}, tau={self.tau:g}, "

