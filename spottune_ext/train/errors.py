@@ -1,0 +1,9 @@
+"""The two ways a run stops on purpose, each with a one-line message for the command line."""
+
+
+class UsageError(Exception):
+    """Bad input (reported like an argparse error: the message, exit status 2)."""
+
+
+class Diverged(FloatingPointError):
+    """Training produced non-finite numbers (the message says where and which flag to change; exit status 1)."""
