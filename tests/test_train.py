@@ -266,7 +266,7 @@ def test_image_size_the_network_cannot_take(tmp_path, capsys):
 def test_resume_from_another_architecture(tmp_path, capsys):
     train.run(train.parse_args(tiny_argv(tmp_path / "a", "finetune", "--epochs", "1")))
     other = [a if a != "16" else "24" for a in TINY_MODEL]  # widths 8 24 24
-    argv = other + TINY_DATA + FAST + ["--strategy", "finetune", "--out", str(tmp_path / "b"),
+    argv = other + TINY_DATA + FAST + ["--strategy", "finetune", "--out", str(tmp_path / "a"),
                                        "--resume", str(tmp_path / "a")]
     err = error_of(argv, capsys)
     assert "holds a different model" in err

@@ -11,6 +11,7 @@ import re
 import torch
 
 from .. import backends
+from ..data import DATASETS
 from ..models import STRATEGIES
 from ..models.families import ARCHS
 from ..models.weights import MOBILENET_V2_OFFLINE
@@ -29,9 +30,9 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: a finite `kind` within [low, high] (open ends where said)."""
     bounds = []
     if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        bounds.append(f"{'>' if low_open else '>='} {low:{'g' if kind is float else 'd'}}")
     if high is not None:
-        bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        bounds.append(f"{'<' if high_open else '<='} {high:{'g' if kind is float else 'd'}}")
     allowed = f"a{' finite' if kind is float else 'n'} {'number' if kind is float else 'integer'}" + (
         f" {' and '.join(bounds)}" if bounds else "")
 
@@ -180,7 +181,9 @@ def validate(args):
     if args.arch is None and args.weights is None:
         raise UsageError("--arch is required (unless --weights is a spottune_ext backbone checkpoint)")
     if args.arch not in (None, "resnet26") and (args.widths or args.layers or args.stem_width):
-        raise UsageError("--widths, --layers and --stem-width shape a resnet26 only")
+        raise UsageError(f"--widths, --layers and --stem-width shape a resnet26 only, not the --arch {args.arch}")
+    if args.domain is not None and args.data.lower().replace("_", "-") in DATASETS:
+        raise UsageError(f"--domain goes with a Visual Decathlon directory, not the built-in data set {args.data}")
     if args.global_k is not None or args.lambda1 is not None or args.lambda2 is not None:
         if args.strategy != "global_k":
             raise UsageError("--global-k, --lambda1 and --lambda2 go with --strategy global_k")

@@ -10,7 +10,7 @@ from ..models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ..models.families import family_of, match_classifier
 from ..models.weights import sha256_of
 from .cli import strategy_options
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 
 def _is_checkpoint(path):
@@ -32,7 +32,7 @@ def build_backbone(args):
         try:
             backbone, _ = load_checkpoint(args.weights)
         except (ValueError, TypeError, RuntimeError) as err:
-            raise UsageError(f"--weights {args.weights}: {str(err).strip().splitlines()[0]}") from None
+            raise UsageError(f"--weights {args.weights}: {first_line(err)}") from None
         if isinstance(backbone, SpotTuneModel):
             raise UsageError(f"--weights {args.weights} is a fine-tuned SpotTune checkpoint; pass a plain backbone "
                              f"(to continue a run, use --resume)")
@@ -40,7 +40,8 @@ def build_backbone(args):
         if args.arch is not None and args.arch != arch:
             raise UsageError(f"--weights {args.weights} holds a {arch}, not the --arch {args.arch}")
         if args.widths or args.layers or args.stem_width:
-            raise UsageError("--widths, --layers and --stem-width cannot reshape a backbone loaded from a checkpoint")
+            raise UsageError(f"--widths, --layers and --stem-width cannot reshape the backbone that --weights "
+                             f"{args.weights} holds")
         return backbone, arch
     if args.arch is None:
         raise UsageError(f"--arch is required: --weights {args.weights} is not a spottune_ext backbone checkpoint")
@@ -51,8 +52,8 @@ def build_backbone(args):
             raise UsageError(f"--layers {layers} and --widths {widths} need one block count per width")
         stem = args.stem_width or 32
         if stem > widths[0] or any(b < a for a, b in zip(widths, widths[1:])):
-            raise UsageError(f"resnet26 widths must not shrink (parameter-free shortcuts pad channels): stem {stem}, "
-                             f"widths {widths}")
+            raise UsageError(f"--stem-width {stem} and --widths {widths} must not shrink (the parameter-free "
+                             f"shortcuts of a resnet26 pad channels)")
         backbone = DecathlonResNet(1000, layers, widths, stem)
     else:
         backbone = torchvision.models.get_model(args.arch, weights=None)
@@ -60,13 +61,15 @@ def build_backbone(args):
         try:
             state = read_weights(args.weights, args.weights_sha256)
             match_classifier(backbone, state)
-        except Exception as err:  # missing, corrupt, not a state dict or another classifier: the message says which
-            raise UsageError(f"--weights: {str(err).strip().splitlines()[0]}") from None
+        except (ValueError, FileNotFoundError) as err:  # missing, not a state dict, another classifier
+            raise UsageError(f"--weights: {first_line(err)}") from None
+        except Exception as err:  # whatever torch.load makes of a file that is no torch file
+            raise UsageError(f"--weights {args.weights}: not a readable weights file "
+                             f"({type(err).__name__}: {first_line(err)})") from None
         try:
             backbone.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
-            raise UsageError(f"--weights {args.weights} does not fit --arch {args.arch}: {first}") from None
+            raise UsageError(f"--weights {args.weights} does not fit --arch {args.arch}: {first_line(err)}") from None
     return backbone, args.arch
 
 
@@ -81,12 +84,22 @@ def build_model(args, backbone, num_classes):
             policy["input_size"] = args.policy_input_size
         if args.policy_stem_width:
             policy["stem_width"] = args.policy_stem_width
+    blocks = len(family_of(backbone).blocks(backbone))
+    if args.adaptive_blocks and max(args.adaptive_blocks) >= blocks:
+        raise UsageError(f"--adaptive-blocks must be block indices in 0..{blocks - 1} ({args.arch} has {blocks} "
+                         f"blocks), got {args.adaptive_blocks}")
     try:
-        return convert(backbone, num_classes=num_classes, policy=policy, adaptive_blocks=args.adaptive_blocks,
+        net = convert(backbone, num_classes=num_classes, policy=policy, adaptive_blocks=args.adaptive_blocks,
                        strategy=args.strategy, tau=args.tau, execution=args.execution, backend=args.backend,
                        frozen_bn=args.frozen_bn, **strategy_options(args))
     except (ValueError, TypeError) as err:
-        raise UsageError(f"cannot build the {args.strategy} model: {err}") from None
+        given = "".join(f" {flag} {value}" for flag, value in (
+            ("--strategy-opt", " ".join(f"{k}={v}" for k, v in args.strategy_opt)), ("--global-k", args.global_k),
+            ("--lambda1", args.lambda1), ("--lambda2", args.lambda2)) if value not in (None, ""))
+        raise UsageError(f"--strategy {args.strategy}{given}: {err}") from None
+    if args.global_k is not None and args.global_k > net.num_routed:
+        raise UsageError(f"--global-k {args.global_k:g}: more than the {net.num_routed} routed blocks")
+    return net
 
 
 def check_image_size(net, args, device):
@@ -108,8 +121,8 @@ def check_image_size(net, args, device):
         with torch.no_grad():
             net(torch.zeros(2, 3, args.image_size, args.image_size, device=device))
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UsageError(f"--image-size {args.image_size}: {args.arch} cannot run on these images ({first})") from None
+        raise UsageError(f"--image-size {args.image_size}: {args.arch} cannot run on these images "
+                         f"({first_line(err)})") from None
     finally:
         net.reset_usage()
         net.train(was_training)

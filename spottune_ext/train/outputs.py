@@ -1,7 +1,7 @@
 """The run directory: who may write into it, and every file a run leaves there.
 
-A new run needs an empty or new --out; --resume continues the run whose last.pt lies in --out; --overwrite
-deletes a previous run's directory (one holding args.json) first. Only the main process writes, each file
+A new run needs an empty or new --out; --resume continues a run in its own directory (--out must be the
+one holding its last.pt); --overwrite deletes a previous run's directory (one holding args.json) first. Only the main process writes, each file
 atomically, so a killed run leaves whole files of its last finished epoch.
 """
 import shutil
@@ -27,14 +27,13 @@ def check_run_dir(out, resume=None, overwrite=False, weights=None):
         raise UsageError(f"--out {out}: exists and is not a directory")
     if resume and overwrite:
         raise UsageError("--overwrite starts a new run and --resume continues one: pass one of them")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not entries:
-        return
     if resume:
         home = resume_path(resume).resolve().parent
         if home != out.resolve():
-            raise UsageError(f"--out {out} holds other files ({_listing(entries)}); --resume continues the run in "
-                             f"its own directory ({home}) or in a new --out")
+            raise UsageError(f"--resume continues the run in its own directory: pass --out {home}, not {out}")
+        return
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
         return
     if not overwrite:
         raise UsageError(f"--out {out} is not empty ({_listing(entries)}): pass --resume {out} to continue that run, "

@@ -9,7 +9,7 @@ import torch
 
 from ..models import load_checkpoint
 from ..models.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 # Arguments a resumed run must share with the run it continues (the model's own are checked by
 # load_checkpoint; epochs may grow, and speed settings may change).
@@ -63,8 +63,8 @@ def check_resume(args, world=None):
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # empty, truncated or not a torch file: say so in one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({first})") from None
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(err).__name__}: {first_line(err)})"
+                         ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"--resume {path}: not a spottune_ext checkpoint")
     extra = payload.get("extra")
@@ -78,7 +78,8 @@ def check_resume(args, world=None):
         raise UsageError(f"--resume {path}: saved by {extra['world_size']} processes, resumed by {world}")
     split_label = "train+val" if args.train_on_trainval else "train"
     if extra["train_split"] != split_label:
-        raise UsageError(f"--resume {path}: that run trained on {extra['train_split']}, this one on {split_label}")
+        raise UsageError(f"--resume {path}: that run trained on {extra['train_split']}, this one on {split_label} "
+                         f"(--train-on-trainval)")
     changed = {k: (v, extra["run"].get(k)) for k, v in run_identity(args).items() if extra["run"].get(k) != v}
     if changed:
         raise UsageError(f"--resume {path}: these arguments differ from the run it continues (now, then): {changed}")
@@ -94,7 +95,7 @@ def restore(args, net, optimizer, scheduler, scaler, rank):
     try:
         _, extra = load_checkpoint(str(path), model=net, map_location=next(net.parameters()).device)
     except (ValueError, TypeError, RuntimeError) as err:
-        raise UsageError(f"--resume {path}: {str(err).strip().splitlines()[0]}") from None
+        raise UsageError(f"--resume {path}: {first_line(err)}") from None
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     scaler.load_state_dict(extra["scaler"])
