@@ -202,8 +202,9 @@ def test_a_new_run_never_mixes_with_or_destroys_another(tmp_path, capsys):
 def test_resume_continues_the_run_in_its_own_directory(tmp_path, capsys):
     out = tmp_path / "run"
     train.run(train.parse_args(FINETUNE + ["--out", str(out)]))
-    results = train.run(train.parse_args(FINETUNE + ["--out", str(out), "--resume", str(out), "--epochs", "2"]))
+    results = train.run(train.parse_args(FINETUNE + ["--resume", str(out / "last.pt"), "--epochs", "2"]))
     assert results["epochs"] == 2 and len(json.loads((out / "metrics.json").read_text())["epochs"]) == 2
+    assert results["outputs"]["dir"] == str(out)  # --out defaults to the run's own directory
 
 
 # ----------------------------------------------------------------------------------------- divergence

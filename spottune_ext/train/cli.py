@@ -141,7 +141,8 @@ def build_parser():
     o.add_argument("--max-train-batches", type=POSITIVE_INT, help="stop each epoch after this many batches")
     o.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     o.add_argument("--channels-last", action="store_true")
-    o.add_argument("--compile", action="store_true", help="torch.compile the training forward (evaluation runs eagerly)")
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (evaluation runs eagerly)")
 
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=_number(int, 0, 2 ** 32 - 1), default=0,
@@ -152,12 +153,12 @@ def build_parser():
                         "OMP_WAIT_POLICY=PASSIVE, or spinning threads slow training down many times)")
     r.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                    help="allow nondeterministic algorithms (faster on GPU, numbers vary between runs)")
-    r.add_argument("--out", default="runs/train",
-                   help="run directory; must be empty or new unless --resume continues the run in it or "
-                        "--overwrite replaces it")
+    r.add_argument("--out", help="run directory (default: runs/train, or with --resume the directory of that run); "
+                                 "a new run needs it empty or new, unless --overwrite replaces the run in it")
     r.add_argument("--overwrite", action="store_true",
                    help="delete the previous run in --out (a directory holding args.json) before starting")
-    r.add_argument("--resume", help="continue from a last.pt checkpoint (or the --out directory holding one)")
+    r.add_argument("--resume", help="continue the run of this last.pt checkpoint (or run directory holding one), "
+                                    "in its own directory")
     r.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard (needs tensorboard)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -201,6 +202,8 @@ def validate(args):
         raise UsageError(f"--backend {args.backend}: {err}") from None
     if args.resume:
         state.check_resume(args)
+    if args.out is None:
+        args.out = str(state.resume_path(args.resume).parent) if args.resume else "runs/train"
     # Rank 0 owns the run directory; the other processes start before it writes anything.
     if int(os.environ.get("RANK", "0")) == 0:
         outputs.check_run_dir(args.out, args.resume, args.overwrite, args.weights)

@@ -18,7 +18,7 @@ def autocast(device, enabled):
 
 
 def _check_policy(net, watched, where):
-    """Raises Diverged naming the first non-finite policy parameter, or the decisions, after a step."""
+    """Raises Diverged naming the first non-finite policy parameter, or the decisions."""
     decisions = net.last_policy
     finite = torch.stack([p.detach().isfinite().all() for _, p in watched] + [decisions.detach().isfinite().all()])
     if bool(finite.all()):  # one host sync per step
@@ -49,6 +49,8 @@ def train_one_epoch(runner, net, loader, optimizer, scaler, args, device, epoch,
             task = F.cross_entropy(logits, y)
             loss = task + net.extra_loss()
         if not torch.isfinite(loss):
+            if watched:  # a policy gone non-finite is the cause to name, not the loss it spoilt
+                _check_policy(net, watched, where)
             raise Diverged(f"the loss is {loss.item()} at {where}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

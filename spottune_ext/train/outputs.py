@@ -1,8 +1,9 @@
 """The run directory: who may write into it, and every file a run leaves there.
 
 A new run needs an empty or new --out; --resume continues a run in its own directory (--out must be the
-one holding its last.pt); --overwrite deletes a previous run's directory (one holding args.json) first. Only the main process writes, each file
-atomically, so a killed run leaves whole files of its last finished epoch.
+one holding its last.pt); --overwrite deletes a previous run's directory (one holding args.json) first.
+Only the main process writes, each file atomically, so a killed run leaves whole files of its last
+finished epoch.
 """
 import shutil
 from pathlib import Path
