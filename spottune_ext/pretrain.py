@@ -1,7 +1,7 @@
 """Pre-train the demo's ResNet source model on Fashion-MNIST and write it as a small backbone checkpoint.
 
 No ImageNet ResNet weights install from a package registry, so the project makes its own source
-model: a narrow ResNet-26 (spottune_ext.DecathlonResNet, widths 16/32/64, two blocks per stage,
+model: a narrow ResNet-26 (spottune_ext.models.DecathlonResNet, widths 16/32/64, two blocks per stage,
 32x32 inputs) trained from scratch on a class-balanced subset of Fashion-MNIST's training split.
 
     python -m spottune_ext.pretrain                    # writes spottune_ext/assets/fashion_resnet26.pt
