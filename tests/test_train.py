@@ -43,8 +43,9 @@ def cli(*argv, timeout=300):
 
 
 def initial_model(argv):
-    """The model a run starts from (same seed, same construction as the trainer's)."""
-    args = train.parse_args(argv)
+    """The model a run starts from (same seed, same construction as the trainer's; the run is done, so its
+    directory is not checked)."""
+    args = train.build_parser().parse_args(argv)
     train.state.seed_everything(args.seed)
     backbone, _ = train.build_backbone(args)
     return train.build_model(args, backbone, 10)
