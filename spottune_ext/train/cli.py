@@ -54,7 +54,8 @@ POSITIVE = _number(float, 0, low_open=True)
 NON_NEGATIVE = _number(float, 0)
 
 
-def _strategy_option(text):
+def _split_option(text):
+    """NAME=VALUE -> (name, int, float or string value)."""
     name, sep, value = text.partition("=")
     if not sep or not name.isidentifier():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -67,6 +68,11 @@ def _strategy_option(text):
             raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {value!r}")
         return name, number
     return name, value
+
+
+def _strategy_option(text):
+    _split_option(text)
+    return text  # kept as typed: args.json records the command line
 
 
 def _sha256_prefix(text):
@@ -229,7 +235,7 @@ def check_device(name):
 
 def strategy_options(args):
     """The keyword arguments convert() takes for the strategy (--strategy-opt, --global-k, --lambda1/2)."""
-    options = dict(args.strategy_opt)
+    options = dict(_split_option(text) for text in args.strategy_opt)
     for name in ("global_k", "lambda1", "lambda2"):
         if getattr(args, name) is not None:
             options["k" if name == "global_k" else name] = getattr(args, name)

@@ -94,7 +94,7 @@ def build_model(args, backbone, num_classes):
                        frozen_bn=args.frozen_bn, **strategy_options(args))
     except (ValueError, TypeError) as err:
         given = "".join(f" {flag} {value}" for flag, value in (
-            ("--strategy-opt", " ".join(f"{k}={v}" for k, v in args.strategy_opt)), ("--global-k", args.global_k),
+            ("--strategy-opt", " ".join(args.strategy_opt)), ("--global-k", args.global_k),
             ("--lambda1", args.lambda1), ("--lambda2", args.lambda2)) if value not in (None, ""))
         raise UsageError(f"--strategy {args.strategy}{given}: {err}") from None
     if args.global_k is not None and args.global_k > net.num_routed:
