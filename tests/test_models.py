@@ -852,3 +852,27 @@ def test_public_names():
         assert not hasattr(st, name), name
     assert set(st.STRATEGIES) == {"spottune", "spottune_tuned_only", "global_k", "random_policy", "finetune",
                                   "feature_extractor", "finetune_last_k", "stochastic", "l2sp"}
+
+
+def test_families_name_and_measure_their_backbones():
+    with torch.device("meta"):
+        resnet50, mobilenet = torchvision.models.resnet50(num_classes=7), torchvision.models.mobilenet_v2()
+        custom = ResNet(BasicBlock, [1, 1, 1, 1])
+    assert families.family_of(resnet50).arch_of(resnet50) == "resnet50"
+    assert families.family_of(custom).arch_of(custom) == "resnet"  # no torchvision constructor builds it
+    assert families.family_of(mobilenet).arch_of(mobilenet) == "mobilenet_v2"
+    small = st.models.DecathlonResNet(10, (1, 1, 1), (8, 16, 16), 8)
+    assert families.family_of(small).arch_of(small) == "resnet26"
+    assert families.family_of(small).total_stride(small) == 8 and families.family_of(custom).total_stride(custom) == 32
+    assert families.ARCHS[-1] == "resnet26" and len(set(families.ARCHS)) == len(families.ARCHS) == 12
+
+
+def test_match_classifier_takes_the_files_class_count():
+    model = torchvision.models.mobilenet_v2(num_classes=1000)
+    state = torchvision.models.mobilenet_v2(num_classes=7).state_dict()
+    families.match_classifier(model, state)
+    assert model.classifier[-1].out_features == 7
+    model.load_state_dict(state)
+    with pytest.raises(ValueError, match="the classifier takes 512 features"):
+        families.match_classifier(model, torchvision.models.resnet18(num_classes=7).state_dict() | {
+            "classifier.1.weight": torch.zeros(7, 512)})
