@@ -71,6 +71,7 @@ def _table():
         ("--device", ["--device", "cpu:1"], "--device: expected cpu, cuda or cuda:N"),
         ("--device", ["--device", "cuda:99"], "--device cuda:99:"),
         ("--out", ["--out", "{text_file}"], "--out {text_file}: exists and is not a directory"),
+        ("--out", ["--out", "{text_file}/run"], "--out {text_file}/run: cannot create or write it"),
         ("--out", ["--out", "{other_dir}"], "--out {other_dir} is not empty (notes.txt): pass --resume"),
         ("--overwrite", ["--out", "{other_dir}", "--overwrite"], "holds no args.json, so it is not a run directory"),
         ("--overwrite", ["--out", "{run}", "--overwrite", "--weights", "{run}/backbone.pt"],

@@ -5,6 +5,7 @@ one holding its last.pt); --overwrite deletes a previous run's directory (one ho
 Only the main process writes, each file atomically, so a killed run leaves whole files of its last
 finished epoch.
 """
+import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def check_run_dir(out, resume=None, overwrite=False, weights=None):
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create or write it ({existing} is not a writable directory)")
     if resume and overwrite:
         raise UsageError("--overwrite starts a new run and --resume continues one: pass one of them")
     if resume:
@@ -64,10 +68,13 @@ class RunOutputs:
         if not self.main:
             return
         check_run_dir(self.dir, args.resume, args.overwrite, args.weights)
-        if args.overwrite and self.dir.is_dir():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / ARGS_FILE, vars(args))
+        try:
+            if args.overwrite and self.dir.is_dir():
+                shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / ARGS_FILE, vars(args))
+        except OSError as err:  # e.g. a file system that refuses directories
+            raise UsageError(f"--out {self.dir}: {err.strerror or err}") from None
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.dir / "tensorboard"))
