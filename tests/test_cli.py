@@ -95,7 +95,7 @@ def _table():
     cases += number("--global-k", "nan", "-1", "inf")
     cases += number("--lambda1", "nan", "-1")
     cases += number("--lambda2", "inf", "-0.5")
-    cases += number("--tau", "0", "-1", "nan", "inf", "1e-39")
+    cases += number("--tau", "0", "-1", "nan", "inf", "1e-39", "2.9387e-39")
     cases += number("--policy-widths", "0")
     cases += number("--policy-stem-width", "0", "2.5")
     cases += number("--policy-input-size", "0")

@@ -20,8 +20,6 @@ from .errors import UsageError
 
 PROG = "spottune-train"
 DESCRIPTION = "Fine-tune a pre-trained backbone with SpotTune or a baseline strategy."
-# The smallest temperature whose inverse is finite in float32 (the Gumbel kernels divide by it there).
-MIN_TAU = 1 / torch.finfo(torch.float32).max
 
 
 # ------------------------------------------------------------------------------------------- value types
@@ -52,6 +50,15 @@ POSITIVE_INT = _number(int, 1)
 COUNT = _number(int, 0)
 POSITIVE = _number(float, 0, low_open=True)
 NON_NEGATIVE = _number(float, 0)
+
+
+def _tau(text):
+    """A temperature whose inverse is finite in float32, where the Gumbel kernels divide by it."""
+    tau = _number(float, 0, low_open=True)(text)
+    if not torch.isfinite(1 / torch.tensor(tau, dtype=torch.float32)):
+        raise argparse.ArgumentTypeError(f"expected a number whose inverse is finite in float32 (tau >= 2.94e-39), "
+                                         f"got {text!r}")
+    return tau
 
 
 def _split_option(text):
@@ -108,7 +115,7 @@ def build_parser():
     m.add_argument("--lambda2", type=NON_NEGATIVE, help="global_k: weight of the entropy loss (default 1)")
     m.add_argument("--strategy-opt", type=_strategy_option, action="append", default=[], metavar="NAME=VALUE",
                    help="other strategy options, e.g. k=2 (finetune_last_k), alpha=0.01 (l2sp)")
-    m.add_argument("--tau", type=_number(float, MIN_TAU),
+    m.add_argument("--tau", type=_tau,
                    help="Gumbel-softmax temperature of the policy (default 5; 1/tau must be finite in float32)")
     m.add_argument("--policy-widths", type=POSITIVE_INT, nargs="+", help="channels of the policy network's blocks")
     m.add_argument("--policy-stem-width", type=POSITIVE_INT, help="channels of the policy network's stem (default 32)")
