@@ -200,7 +200,7 @@ def test_a_new_run_never_mixes_with_or_destroys_another(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["strategy"] == "finetune"
 
 
-def test_resume_continues_the_run_in_its_own_directory(tmp_path, capsys):
+def test_resume_continues_the_run_in_its_own_directory(tmp_path):
     out = tmp_path / "run"
     train.run(train.parse_args(FINETUNE + ["--out", str(out)]))
     results = train.run(train.parse_args(FINETUNE + ["--resume", str(out / "last.pt"), "--epochs", "2"]))
@@ -219,3 +219,25 @@ def test_a_policy_that_turns_non_finite_stops_the_run(tmp_path, capsys):
     assert "spottune-train: error: policy parameter policy." in err
     assert "became non-finite at epoch 1, batch" in err and "lower --policy-lr or raise --tau" in err
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_the_policy_is_checked_after_every_step(tmp_path, capsys, monkeypatch):
+    # Spoil one policy weight in the second step, whatever the numbers would have done.
+    step, calls = torch.optim.SGD.step, []
+
+    def spoiling_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            policy = next(g for g in self.param_groups if g["name"] == "policy")
+            with torch.no_grad():
+                policy["params"][-1].view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spoiling_step)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 1
+    line = capsys.readouterr().err.rstrip("\n").splitlines()[-1]
+    assert line.startswith("spottune-train: error: policy parameter policy.") and line.endswith(
+        "became non-finite at epoch 1, batch 2; lower --policy-lr or raise --tau")
