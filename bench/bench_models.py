@@ -1,6 +1,6 @@
 """End to end: whole SpotTune models (spottune_ext.convert) against the plain model and fine-tuning.
 
-Models (random weights): torchvision resnet18, resnet50, mobilenet_v2 and spottune_ext.resnet26, every
+Models (random weights): torchvision resnet18, resnet50, mobilenet_v2 and spottune_ext.models.resnet26, every
 block routed, the paper's policy network. CPU: float32, batches 16 and 8 at 112x112. GPU: bf16,
 channels_last, batches 256 and 64 at 224x224.
 
@@ -72,7 +72,7 @@ if SELECTION not in ("quick", "targets", "full"):
 if SELECTION == "quick" and not HAS_CUDA:
     SIZE = 64  # keeps `make test` short on a small CPU
 
-MODELS = {"resnet18": resnet18, "resnet50": resnet50, "resnet26": spottune_ext.resnet26, "mobilenet_v2": mobilenet_v2}
+MODELS = {"resnet18": resnet18, "resnet50": resnet50, "resnet26": spottune_ext.models.resnet26, "mobilenet_v2": mobilenet_v2}
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, "policy")
 SPOTTUNE = {"dense": ("dense", "auto"), "grouped_torch": ("grouped", "torch"), "grouped": ("grouped", KERNELS)}
 INFERENCE_IMPLS = ["plain", "plain+policy", *SPOTTUNE]

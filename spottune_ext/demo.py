@@ -11,10 +11,10 @@ Every run selects its checkpoint on the validation split and is reported on the 
 
 It prints a table (test accuracy, parameters, training time, inference images/s with grouped and
 dense execution of the routed blocks) and writes it, with each run's outputs (metrics, checkpoints,
-policy plots), under --out. Same seed and thread count, same numbers.
+policy plots), under --out; a new demo replaces the run directories of an earlier one there. Same
+seed and thread count, same numbers.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import train
+from .io import write_json, write_text
 from .models import MOBILENET_V2_OFFLINE, load_checkpoint, parameter_counts
 from .models.checkpoint import build_model, model_config
 from .models.weights import sha256_of
@@ -103,7 +104,7 @@ def run_demo(out, seed=0, threads=2, quick=False, progress=True):
             run_dir = out / source_key / strategy
             argv = (source_args + ["--strategy", strategy] + (policy_args if strategy == "spottune" else [])
                     + COMMON + length_args + (QUICK if quick else [])
-                    + ["--seed", str(seed), "--threads", str(threads), "--out", str(run_dir)]
+                    + ["--seed", str(seed), "--threads", str(threads), "--out", str(run_dir), "--overwrite"]
                     + ([] if progress else ["--no-progress"]))
             print(f"\n== {source_name} -> Animal-MNIST, {strategy_name}", flush=True)
             args = train.parse_args(argv)
@@ -158,8 +159,8 @@ def main(argv=None):
              f"fine-tuned copy on test. {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, "
              f"{args.threads} threads, torch {torch.__version__}; demo time {elapsed:.0f} s.")
     out = Path(args.out)
-    (out / "summary.md").write_text(table + "\n\n" + notes + "\n")
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "notes": notes, "seconds": elapsed}, indent=2) + "\n")
+    write_text(out / "summary.md", table + "\n\n" + notes + "\n")
+    write_json(out / "summary.json", {"rows": rows, "notes": notes, "seconds": elapsed})
     print("\n" + table + "\n\n" + notes)
     print(f"\nOutputs in {out}/: summary.md, summary.json; per run <source>/<strategy>/ (metrics.csv, results.json, "
           f"best.pt, last.pt; SpotTune runs also block_usage.png, finetuned_blocks.png, class_block_usage.png, "

@@ -10,6 +10,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .io import atomic_write
+
 _MAX_ROW_LABELS = 60
 
 
@@ -51,7 +53,8 @@ def _save(fig, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=120)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     return path
 
 
@@ -136,10 +139,11 @@ def save_policies(path, policies, labels, predictions=None, class_names=None):
             arrays["predictions"] = predictions
         if class_names is not None:
             arrays["class_names"] = np.asarray(list(class_names), dtype=str)
-        np.savez_compressed(path, **arrays)
+        with atomic_write(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
     elif path.suffix == ".csv":
         name = (lambda c: class_names[c]) if class_names is not None else (lambda c: c)
-        with open(path, "w", newline="") as f:
+        with atomic_write(path, newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image", "label"] + (["prediction"] if predictions is not None else [])
                             + [f"block_{b + 1}" for b in range(p.shape[1])])

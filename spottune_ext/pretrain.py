@@ -1,7 +1,7 @@
 """Pre-train the demo's ResNet source model on Fashion-MNIST and write it as a small backbone checkpoint.
 
 No ImageNet ResNet weights install from a package registry, so the project makes its own source
-model: a narrow ResNet-26 (spottune_ext.DecathlonResNet, widths 16/32/64, two blocks per stage,
+model: a narrow ResNet-26 (spottune_ext.models.DecathlonResNet, widths 16/32/64, two blocks per stage,
 32x32 inputs) trained from scratch on a class-balanced subset of Fashion-MNIST's training split.
 
     python -m spottune_ext.pretrain                    # writes spottune_ext/assets/fashion_resnet26.pt
@@ -11,12 +11,12 @@ and <name>.json (the command, the training report and the file's sha256). With t
 thread count the training is deterministic on a CPU, so the command reproduces the file's weights.
 """
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
 from . import train
+from .io import write_json, write_text
 from .models import load_checkpoint, save_checkpoint
 from .models.weights import sha256_of
 
@@ -33,11 +33,12 @@ TRAIN_ARGS = ["--arch", "resnet26", "--widths", "16", "32", "64", "--layers", "2
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m spottune_ext.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ASSETS), help="directory of the checkpoint")
-    parser.add_argument("--work", default="runs/pretrain-fashion", help="directory of the training run")
+    parser.add_argument("--work", default="runs/pretrain-fashion",
+                        help="directory of the training run (a previous run there is replaced)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    train_args = TRAIN_ARGS + ["--out", args.work] + (["--no-progress"] if args.no_progress else [])
+    train_args = TRAIN_ARGS + ["--out", args.work, "--overwrite"] + (["--no-progress"] if args.no_progress else [])
     results = train.run(train.parse_args(train_args))
     model, _ = load_checkpoint(results["outputs"]["checkpoint"])
     out = Path(args.out)
@@ -45,14 +46,14 @@ def main(argv=None):
     path = out / f"{NAME}.pt"
     save_checkpoint(model.backbone, str(path))  # the plain network: every block was trained in place
     digest = sha256_of(path)
-    (out / f"{NAME}.pt.sha256").write_text(f"{digest}  {path.name}\n")
+    write_text(out / f"{NAME}.pt.sha256", f"{digest}  {path.name}\n")
     command = "python -m spottune_ext.pretrain" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
     report = {"file": path.name, "sha256": digest, "command": command, "train_args": TRAIN_ARGS,
               "test_accuracy": results["test"]["accuracy"], "val_accuracy": results["val"]["accuracy"],
               "train_split": results["train_split"], "selection": results["selection"],
               "images": results["images"], "train_time_s": results["train_time_s"],
               "parameters": sum(p.numel() for p in model.backbone.parameters())}
-    (out / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / f"{NAME}.json", report)
     print(f"wrote {path} (sha256 {digest}); Fashion-MNIST test accuracy {report['test_accuracy']:.4f}")
 
 

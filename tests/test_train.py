@@ -1,6 +1,7 @@
 """The reference trainer on tiny data and models: every strategy end to end, honest splits, the lr
 schedule, resume after a kill, DDP with two processes, and every bad-input path."""
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -42,9 +43,10 @@ def cli(*argv, timeout=300):
 
 
 def initial_model(argv):
-    """The model a run starts from (same seed, same construction as the trainer's)."""
-    args = train.parse_args(argv)
-    train._seed_everything(args.seed)
+    """The model a run starts from (same seed, same construction as the trainer's; the run is done, so its
+    directory is not checked)."""
+    args = train.build_parser().parse_args(argv)
+    train.state.seed_everything(args.seed)
     backbone, _ = train.build_backbone(args)
     return train.build_model(args, backbone, 10)
 
@@ -265,7 +267,7 @@ def test_image_size_the_network_cannot_take(tmp_path, capsys):
 def test_resume_from_another_architecture(tmp_path, capsys):
     train.run(train.parse_args(tiny_argv(tmp_path / "a", "finetune", "--epochs", "1")))
     other = [a if a != "16" else "24" for a in TINY_MODEL]  # widths 8 24 24
-    argv = other + TINY_DATA + FAST + ["--strategy", "finetune", "--out", str(tmp_path / "b"),
+    argv = other + TINY_DATA + FAST + ["--strategy", "finetune", "--out", str(tmp_path / "a"),
                                        "--resume", str(tmp_path / "a")]
     err = error_of(argv, capsys)
     assert "holds a different model" in err
@@ -282,20 +284,23 @@ def test_resume_from_another_architecture(tmp_path, capsys):
 
 def test_other_bad_arguments(tmp_path, capsys):
     save_checkpoint(DecathlonResNet(7, (1, 1, 1), (8, 16, 16), 8), str(tmp_path / "w.pt"))
+    out = tmp_path / "out"
+    data = TINY_DATA + ["--out", str(out)]
     cases = [
-        (tiny_argv(tmp_path, "finetune", "--global-k", "2"), "--global-k, --lambda1 and --lambda2 go with"),
-        (tiny_argv(tmp_path, "finetune", "--tau", "2"), "has no learned policy"),
-        (tiny_argv(tmp_path, "finetune", "--epochs", "0"), "--epochs must be >= 1"),
-        (tiny_argv(tmp_path, "finetune", "--lr-steps", "5", "2"), "--lr-steps must be increasing"),
-        (tiny_argv(tmp_path, "finetune_last_k", "--strategy-opt", "k=9"), "k=9 but only 3 adaptive blocks"),
-        (TINY_DATA + ["--weights", str(tmp_path / "w.pt"), "--weights-sha256", "00ff"],
+        (tiny_argv(out, "finetune", "--global-k", "2"), "--global-k, --lambda1 and --lambda2 go with"),
+        (tiny_argv(out, "finetune", "--tau", "2"), "has no learned policy"),
+        (tiny_argv(out, "finetune", "--epochs", "0"), "argument --epochs: expected an integer >= 1, got '0'"),
+        (tiny_argv(out, "finetune", "--lr-steps", "5", "2"), "--lr-steps must be increasing"),
+        (tiny_argv(out, "finetune_last_k", "--strategy-opt", "k=9"), "k=9 but only 3 adaptive blocks"),
+        (data + ["--weights", str(tmp_path / "w.pt"), "--weights-sha256", "00ff"],
          "does not start with --weights-sha256 00ff"),
-        (TINY_DATA + ["--weights", str(tmp_path / "w.pt"), "--arch", "resnet18"], "holds a resnet26, not the --arch"),
-        (TINY_DATA + ["--arch", "resnet18", "--weights", str(tmp_path / "missing.pt")], "does not exist"),
-        (TINY_DATA + ["--strategy", "finetune"], "--arch is required"),
+        (data + ["--weights", str(tmp_path / "w.pt"), "--arch", "resnet18"], "holds a resnet26, not the --arch"),
+        (data + ["--arch", "resnet18", "--weights", str(tmp_path / "missing.pt")], "does not exist"),
+        (data + ["--strategy", "finetune"], "--arch is required"),
     ]
     for argv, message in cases:
         assert message in error_of(argv, capsys), argv
+    assert not out.exists()  # nothing written for bad input
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
@@ -345,8 +350,8 @@ def test_demo_quick_runs_every_step(tmp_path):
 
 
 def test_tensorboard_is_optional(tmp_path, capsys, monkeypatch):
-    find_spec = train.importlib.util.find_spec
-    monkeypatch.setattr(train.importlib.util, "find_spec",
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
     err = error_of(tiny_argv(tmp_path, "finetune", "--tensorboard"), capsys)
     assert "--tensorboard needs the tensorboard package" in err

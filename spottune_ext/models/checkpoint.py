@@ -4,13 +4,12 @@ save_checkpoint(model, path) takes a SpotTuneModel (from convert) or a plain sup
 export_global returns); load_checkpoint(path) rebuilds it (random init, then the saved state, strictly),
 or loads into a given model after checking it has the same configuration.
 """
-import os
-import tempfile
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..io import atomic_write
 from . import families
 from .convert import SpotTuneModel, convert
 from .policy import PolicyNet
@@ -48,17 +47,8 @@ def save_checkpoint(model: nn.Module, path: str, extra: Optional[Dict[str, Any]]
     """
     payload = {"format": FORMAT, "version": VERSION, "config": model_config(model), "state_dict": model.state_dict(),
                "extra": extra or {}}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str, model: Optional[nn.Module] = None,

