@@ -139,7 +139,7 @@ def write_report(out: Path, report: Path, cfg):
     lines += [f"Settings: {cfg['images_per_class']} training images per class, {cfg['eval_per_class']} per class in "
               f"validation and test, {cfg['epochs']} epochs, batch {cfg['batch']}, SGD momentum 0.9, the trainer's "
               f"defaults otherwise; each (source, strategy)'s learning rate chosen from "
-              f"{cfg['lr_grid']} on validation accuracy, seed 0, on the tuning target. Test accuracy in %, mean ± "
+              f"{' / '.join(f'{k}: {v}' for k, v in cfg['lr_grid'].items())} on validation accuracy, seed 0, on the tuning target. Test accuracy in %, mean ± "
               f"half-width of the 95% t-interval over seeds. Global-k and SpotTune-tuned-only are reported as the "
               f"plain network export_global() makes.", ""]
     lrs = chosen_lrs(out, cfg)

