@@ -50,16 +50,18 @@ def gumbel_st(logits: torch.Tensor, noise: Optional[torch.Tensor], seed: Optiona
 
     hard is exactly 0/1 and carries the gradient of soft = sigmoid((l1 - l0 + g) / tau), with g the
     logistic noise log(u / (1 - u)) (the difference of two Gumbel samples), or 0 when not sampling.
+    hard is NaN where l1 - l0 + g is NaN. The uniforms come from the Philox stream of csrc/philox.h
+    keyed by `seed`, as in the kernels.
     """
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    d = (logits[..., 1] - logits[..., 0]).to(acc)
+    d = logits[..., 1].to(acc) - logits[..., 0].to(acc)  # upcast first, as the kernels do
     if sample:
         if noise is None:
             noise = philox_uniform(int(seed), d.numel(), d.device).view_as(d)
         u = noise.to(torch.float32).clamp(UNIFORM_EPS, 1 - UNIFORM_EPS).to(acc)
         d = d + torch.log(u / (1 - u))
     soft = torch.sigmoid(d / tau)
-    hard = (d > 0).to(acc)
+    hard = torch.where(torch.isnan(d), d, (d > 0).to(acc))
     # hard + (soft - soft) is exactly hard; (hard + soft) - soft is not always.
     return (hard + (soft - soft.detach())).to(logits.dtype), soft
 

@@ -118,8 +118,7 @@ def test_route_plan_semantics(backend, device, B, L):
 def test_route_plan_counts_invalid_decisions(backend, device, chain):
     d = decisions_for(11, 5, "random", device=device, seed=7)
     d[0, 0], d[3, 2], d[4, 2], d[10, 4], d[5, 1] = 0.5, -1.0, 2.0, float("nan"), float("inf")
-    op = torch.ops.spottune_ext.route_plan_triton if backend == "triton" else torch.ops.spottune_ext.route_plan
-    got = op(d, chain)
+    got = se.backends.kernel("route_plan", backend)(d, chain)
     want = reference.route_plan(d, chain)
     assert got[2][-1].item() == 5
     assert all(torch.equal(a, b) for a, b in zip(got, want))
@@ -365,6 +364,9 @@ def test_gradcheck(backend, device, layout):
 def _variant(suffix):
     if suffix == "_triton" and not INTERPRET:
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    if suffix == "_triton":  # the Triton variants are defined on first use
+        for name in ("route_plan", "gather_rows", "combine_rows"):
+            se.backends.kernel(name, "triton")
     return lambda name: getattr(torch.ops.spottune_ext, name + suffix)
 
 
