@@ -358,7 +358,9 @@ def run_blocks(modules: Iterable[nn.Module], x: torch.Tensor, decisions: torch.T
 
 
 def _storages(module: nn.Module) -> set:
-    return {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers()) if t.numel()}
+    # Meta tensors (a model built to check its shapes) have no storage to share.
+    return {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())
+            if t.numel() and t.device.type != "meta"}
 
 
 def _describe(value) -> str:
