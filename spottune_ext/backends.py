@@ -34,6 +34,13 @@ AUTO = {
 default_backend = "auto"
 
 
+def check_name(backend, where: str) -> str:
+    """A backend name ("auto" or one of BACKENDS), checked where it is set rather than at the first call."""
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}")
+    return backend
+
+
 def triton_available(device: torch.device) -> bool:
     try:
         import triton  # noqa: F401
