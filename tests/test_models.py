@@ -751,7 +751,7 @@ def test_error_paths():
         st.global_k_loss(torch.zeros(4, dtype=torch.float32), 1)
     with pytest.raises(ValueError, match="tau_decay"):
         st.PolicyNet(4, tau_decay=1.5)
-    with pytest.raises(ValueError, match="num_blocks .* must be a positive int"):
+    with pytest.raises(ValueError, match="num_blocks must be a positive int"):
         st.PolicyNet(0)
     with pytest.raises(ValueError, match="pads channels"):
         ZeroPadShortcut(8, 4)

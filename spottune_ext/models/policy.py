@@ -11,9 +11,9 @@ from ..ops import gumbel_st
 from .resnet26 import DecathlonResNet
 
 
-def _positive_int(name: str, value) -> int:
+def _positive_int(name: str, value, expected: str = "a positive int") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"PolicyNet: {name} must be a positive int, got {value!r}")
+        raise ValueError(f"PolicyNet: {name} must be {expected}, got {value!r}")
     return int(value)
 
 
@@ -52,15 +52,15 @@ class PolicyNet(nn.Module):
                  tau: float = 5.0, tau_decay: float = 1.0, tau_min: float = 0.5, sample_in_eval: bool = False,
                  backend: str = "auto", stem_width: int = 32) -> None:
         super().__init__()
-        num_blocks = _positive_int("num_blocks (the number of routed blocks)", num_blocks)
+        num_blocks = _positive_int("num_blocks", num_blocks, "a positive int (the number of routed blocks)")
         tau, tau_min = _checks.tau("PolicyNet", tau, "tau"), _checks.tau("PolicyNet", tau_min, "tau_min")
         if isinstance(tau_decay, bool) or not isinstance(tau_decay, numbers.Real) or not 0 < tau_decay <= 1:
             raise ValueError(f"PolicyNet: tau_decay must be a number in (0, 1], got {tau_decay!r}")
         if input_size is not None:
-            input_size = _positive_int("input_size (or None)", input_size)
+            input_size = _positive_int("input_size", input_size, "a positive int or None")
         if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
             raise ValueError(f"PolicyNet: widths must be a non-empty sequence of positive ints, got {widths!r}")
-        widths = tuple(_positive_int("widths[...]", w) for w in widths)
+        widths = tuple(_positive_int("every width", w) for w in widths)
         stem_width = _positive_int("stem_width", stem_width)
         if not isinstance(sample_in_eval, bool):
             raise TypeError(f"PolicyNet: sample_in_eval must be a bool, got {type(sample_in_eval).__name__}")
