@@ -88,6 +88,8 @@ def register(op: str, implementations: Dict[str, Callable], loaders: Dict[str, C
 
 def kernel(op: str, backend: str) -> Callable:
     """The implementation of `op` by the concrete `backend` (no device check: see implementation())."""
+    if op not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(_IMPLEMENTATIONS)}")
     impls = _IMPLEMENTATIONS[op]
     if backend not in impls:
         if backend not in _LOADERS[op]:

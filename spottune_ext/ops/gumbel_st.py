@@ -51,6 +51,10 @@ _library.register_fake(["gumbel_st_backward"], _fake_backward)
 # The compiled op's autograd is registered in C++ (csrc/gumbel_st_autograd.cpp).
 backends.register("gumbel_st", {"torch": _torch, "cpp": _library.op("gumbel_st"), "cuda": _library.op("gumbel_st")},
                   {"triton": _load_triton})
+# The backward op on its own (its "torch" version is autograd through the reference).
+backends.register("gumbel_st_backward", {"cpp": _library.op("gumbel_st_backward"),
+                                         "cuda": _library.op("gumbel_st_backward")},
+                  {"triton": lambda: backends.kernel("gumbel_st", "triton") and _library.op("gumbel_st_backward_triton")})
 
 
 def gumbel_st(logits: torch.Tensor, tau: float = 1.0, *, sample: bool = True, noise: Optional[torch.Tensor] = None,
