@@ -1,4 +1,5 @@
-"""Property-based fuzzing of every op entry point: "a correct result or a clear error, never a crash".
+"""Property-based fuzzing of every op entry point (and of convert, routed models and blocks): "a
+correct result or a clear error, never a crash".
 
 Run by tests/test_safety.py in a subprocess (a segfault then fails that test instead of killing
 pytest); each case is printed before it runs, so the output names the case that crashed.
@@ -9,9 +10,11 @@ Cases: gather_rows, combine_rows, route_plan and gumbel_st through the public fu
 backend this machine runs) and through torch.ops.spottune_ext.* (the compiled op and its Triton
 variant), gumbel_st_backward through the ops; random shapes, dtypes, layouts (contiguous,
 channels_last, strided), with at most one fault per case: a wrong dtype, shape, length or type, an
-index out of range (-1, B, 2**40) or repeated, a bad tau, noise, seed or soft. A valid case must
-equal spottune_ext.reference; a faulty one must raise TypeError, ValueError or RuntimeError whose
-message names the faulty argument.
+index out of range (-1, B, 2**40) or repeated, a bad tau, noise, seed or soft; convert() and
+PolicyNet arguments; decisions given to a routed model or block (wrong type, shape, dtype, values
+other than 0/1, NaN). A valid case must equal spottune_ext.reference (a routed model or block: its
+dense execution; convert: a model that runs); a faulty one must raise TypeError, ValueError or
+RuntimeError whose message names the faulty argument.
 """
 import os
 import sys
@@ -252,6 +255,78 @@ def gumbel_backward_case(draw, entry):
                 check=lambda got, want: torch.allclose(got.double(), want.double(), rtol=2e-2, atol=1e-6))
 
 
+_BACKBONE = se.DecathlonResNet(3, (1, 1, 1), (8, 16, 32), 8).eval()
+_POLICY = {"widths": (8,), "stem_width": 8}
+
+
+def convert_case(draw, entry):
+    """convert() and PolicyNet arguments, one of them bad; a valid model must run."""
+    kwargs = {"num_classes": draw(st.sampled_from([None, 4])), "policy": dict(_POLICY)}
+    fault = draw(st.sampled_from([None, "num_classes", "adaptive_blocks", "tau", "backend", "execution",
+                                  "frozen_bn", "input_size", "every width", "policy"]))
+    bad = {"num_classes": [True, 0, -1, 2.5, "3"], "adaptive_blocks": [["a"], [1.7], [99], "0", 5, [True], [-1]],
+           "tau": ["5", 1e-39, float("nan"), 0.0, -1.0, True], "backend": ["nope", 5, None],
+           "execution": ["fast", 1], "frozen_bn": ["sometimes", None], "input_size": [0, -3, 2.5, "8"],
+           "every width": [(0,), (8, -1), (8.5,)], "policy": ["small", 3]}
+    if fault in ("input_size", "every width"):
+        kwargs["policy"]["input_size" if fault == "input_size" else "widths"] = draw(st.sampled_from(bad[fault]))
+    elif fault == "policy":
+        kwargs["policy"] = draw(st.sampled_from(bad[fault]))
+    elif fault is not None:
+        kwargs[fault] = draw(st.sampled_from(bad[fault]))
+    if fault == "adaptive_blocks" and isinstance(kwargs["adaptive_blocks"], list) and \
+            kwargs["adaptive_blocks"] in ([99], [-1]):
+        fault = "out of range"
+    x = torch.randn(2, 3, 8, 8)
+
+    def call():
+        model = se.convert(_BACKBONE, **kwargs).eval()
+        return model(x)
+    return Case(f"convert({kwargs})", call, fault, expect=lambda: None,
+                check=lambda got, want: got.shape == (2, kwargs["num_classes"] or 3) and bool(torch.isfinite(got).all()))
+
+
+def forward_case(draw, entry):
+    """A routed model or block called with bad decisions; a valid call must equal the dense execution."""
+    B = draw(st.integers(1, 4))
+    target = draw(st.sampled_from(["model", "block"]))
+    channels = 3 if target == "model" else 8  # an image, or the input of the backbone's first block
+    x = torch.randn(B, channels, 8, 8, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16))))
+    fault = draw(st.sampled_from([None, None, "decisions", "decisions", "decisions", "x"]))
+    L = 3 if target == "model" else None
+    shape = (B, L) if L else (B,)
+    d = (torch.rand(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16)))) < 0.5).float()
+    if fault == "decisions":
+        kind = draw(st.sampled_from(["list", "shape", "int", "half", "nan"]))
+        d = {"list": lambda: d.tolist(), "shape": lambda: d[:-1] if B > 1 else torch.cat([d, d]),
+             "int": lambda: d.long(), "half": lambda: d * 0.5 + 0.25,
+             "nan": lambda: torch.where(torch.arange(B).view(-1, *([1] * (d.dim() - 1))) == 0, float("nan"), d)}[kind]()
+        if kind == "half":
+            fault = "exactly 0 or 1"
+        elif kind == "nan":
+            fault = "exactly 0 or 1"
+    if fault == "x":
+        x = draw(st.sampled_from([x.tolist(), x[0]]))
+    backend = entry[1] if entry[0] == "public" else "cpp"
+    if target == "model":
+        model = se.convert(_BACKBONE, policy=dict(_POLICY), adaptive_blocks=[0, 1, 2], backend=backend).eval()
+        dense = se.convert(_BACKBONE, policy=dict(_POLICY), adaptive_blocks=[0, 1, 2], execution="dense").eval()
+        dense.load_state_dict(model.state_dict())
+        arg = "decisions"
+        call, ref = (lambda: model(x, decisions=d)), (lambda: dense(x, decisions=d))
+    else:
+        block = se.RoutedBasicBlock(_BACKBONE.layer1[0], backend=backend).eval()
+        dense = se.RoutedBasicBlock(_BACKBONE.layer1[0], execution="dense").eval()
+        arg = "decision"
+        call, ref = (lambda: block(x, d)), (lambda: dense(x, d))
+    if fault == "decisions":
+        fault = arg
+    with torch.no_grad():
+        expect = None if fault else ref
+    return Case(f"{target}[{backend}] x={_d(x)} {arg}={_d(d)}", torch.no_grad()(call), fault, expect,
+                check=lambda got, want: torch.allclose(got, want, rtol=1e-4, atol=1e-5))
+
+
 def _same_decisions(got, want, logits, noise, sample):
     """Equal decisions, NaN where the reference has NaN; decisions within rounding of a tie may differ."""
     if got.shape != want.shape or got.dtype != want.dtype:
@@ -291,14 +366,16 @@ def _d(value):
 
 ENTRIES = [("public", b) for b in BACKENDS] + [("raw", b) for b in BACKENDS if b != "torch"]
 BUILDERS = {"gather_rows": gather_case, "combine_rows": combine_case, "route_plan": route_plan_case,
-            "gumbel_st": gumbel_case, "gumbel_st_backward": gumbel_backward_case}
+            "gumbel_st": gumbel_case, "gumbel_st_backward": gumbel_backward_case, "convert": convert_case,
+            "forward": forward_case}
 stats = {"valid": 0, "errors": 0}
 
 
 @st.composite
 def cases(draw):
     op = draw(st.sampled_from(sorted(BUILDERS)))
-    entries = [e for e in ENTRIES if op != "gumbel_st_backward" or e[0] == "raw"]
+    entries = [e for e in ENTRIES if (op != "gumbel_st_backward" or e[0] == "raw")
+               and (op not in ("convert", "forward") or e[0] == "public")]
     return BUILDERS[op](draw, draw(st.sampled_from(entries)))
 
 

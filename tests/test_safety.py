@@ -33,7 +33,7 @@ def _run_python(code_or_args, timeout, env=None):
 
 def test_fuzz_ops_correct_or_clear_error_never_a_crash():
     # A subprocess: a segfault fails this test (its output names the case) instead of killing pytest.
-    result = _run_python([os.path.join(ROOT, "tests", "fuzz_ops.py"), "400"], timeout=600)
+    result = _run_python([os.path.join(ROOT, "tests", "fuzz_ops.py"), "600"], timeout=600)
     tail = (result.stdout[-3000:] + result.stderr[-5000:])
     assert result.returncode == 0, f"exit status {result.returncode} (negative: killed by a signal):\n{tail}"
     assert "FUZZ OK" in result.stdout, tail
@@ -186,6 +186,8 @@ def test_convert_policy_and_model_errors_name_the_argument():
     model = se.convert(backbone, policy={"widths": (8,), "stem_width": 8})
     with pytest.raises(TypeError, match="expects decisions as a tensor"):
         model(torch.randn(2, 3, 16, 16), decisions=[[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"SpotTuneModel expects x of shape \[B, C, H, W\]"):
+        model(torch.randn(3, 16, 16))
     with pytest.raises(ValueError, match="saved state"):
         model.policy.set_extra_state({"tau": 1e-39})
 

@@ -62,8 +62,7 @@ class SpotTuneModel(nn.Module):
 
     def forward(self, x: torch.Tensor, decisions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for a batch; `decisions` [B, L] (0/1, optional) overrides the strategy's."""
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            raise TypeError(f"SpotTuneModel expects x as a tensor of shape [B, ...], got {type(x).__name__}")
+        routed._check_input("SpotTuneModel", x)
         if decisions is None:
             decisions = self.decide(x)
         else:
