@@ -9,9 +9,9 @@ from .routed import RoutedBasicBlock, RoutedBottleneck, RoutedInvertedResidual, 
 from .data import DATASETS, build_datasets
 from .metrics import decathlon_score
 from .models import (MOBILENET_V2_OFFLINE, STRATEGIES, CheckpointError, DecathlonResNet, PolicyNet, SpotTuneModel,
-                     Strategy, convert, entropy_loss, export_global, get_strategy, global_k_loss, global_k_objective, load_checkpoint,
-                     load_weights, mobilenet_v2_offline_file, parameter_counts, read_weights, resnet26,
-                     save_checkpoint, usage_fraction, weights_file)
+                     Strategy, convert, entropy_loss, export_global, get_strategy, global_k_loss, global_k_objective,
+                     load_checkpoint, load_weights, mobilenet_v2_offline_file, parameter_counts, read_weights,
+                     resnet26, save_checkpoint, usage_fraction, weights_file)
 from .data import DATASETS, build_datasets
 from .metrics import decathlon_score
 
@@ -20,6 +20,7 @@ __all__ = ["backends", "reference", "gumbel_st", "route_plan", "RoutePlan", "gat
            "DATASETS", "build_datasets", "decathlon_score",
            "convert", "export_global", "SpotTuneModel", "parameter_counts", "resnet26", "DecathlonResNet", "PolicyNet",
            "usage_fraction", "global_k_loss", "entropy_loss", "global_k_objective", "STRATEGIES", "Strategy",
-           "get_strategy", "save_checkpoint", "load_checkpoint", "CheckpointError", "load_weights", "read_weights", "weights_file",
+           "get_strategy", "save_checkpoint", "load_checkpoint", "CheckpointError", "load_weights", "read_weights",
+           "weights_file",
            "mobilenet_v2_offline_file", "MOBILENET_V2_OFFLINE",
            "DATASETS", "build_datasets", "decathlon_score"]

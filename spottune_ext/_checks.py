@@ -161,8 +161,9 @@ def permutation(op: str, name: str, index: torch.Tensor) -> None:
     counts = torch.zeros(n, dtype=torch.int32, device=index.device).index_add_(
         0, index.clamp(0, n - 1), in_range.to(torch.int32))
     if index.device.type != "cpu":
-        torch._assert_async(in_range.all(), f"{op}: {name} must be a permutation of range({n}): a value is out of range")
-        torch._assert_async((counts == 1).all(), f"{op}: {name} must be a permutation of range({n}): a value repeats")
+        what = f"{op}: {name} must be a permutation of range({n})"
+        torch._assert_async(in_range.all(), f"{what}: a value is out of range")
+        torch._assert_async((counts == 1).all(), f"{what}: a value repeats")
         return
     bad = (~in_range).nonzero()
     if bad.numel():

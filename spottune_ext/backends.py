@@ -12,6 +12,7 @@ implementation() returns; the Triton ones are loaded on first use, so the packag
 runs without triton installed.
 """
 import os
+import threading
 from typing import Callable, Dict
 
 import torch
@@ -77,6 +78,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 
 _IMPLEMENTATIONS: Dict[str, Dict[str, Callable]] = {}
 _LOADERS: Dict[str, Dict[str, Callable[[], Callable]]] = {}
+_LOADING = threading.RLock()  # a loader defines ops: once, even with threads (re-entrant: loaders nest)
 
 
 def register(op: str, implementations: Dict[str, Callable], loaders: Dict[str, Callable[[], Callable]]) -> None:
@@ -94,7 +96,9 @@ def kernel(op: str, backend: str) -> Callable:
     if backend not in impls:
         if backend not in _LOADERS[op]:
             raise ValueError(f"{op}: no implementation for backend {backend!r}")
-        impls[backend] = _LOADERS[op][backend]()
+        with _LOADING:
+            if backend not in impls:
+                impls[backend] = _LOADERS[op][backend]()
     return impls[backend]
 
 

@@ -282,8 +282,9 @@ def convert_case(draw, entry):
     def call():
         model = se.convert(_BACKBONE, **kwargs).eval()
         return model(x)
-    return Case(f"convert({kwargs})", call, fault, expect=lambda: None,
-                check=lambda got, want: got.shape == (2, kwargs["num_classes"] or 3) and bool(torch.isfinite(got).all()))
+    def check(got, _):
+        return got.shape == (2, kwargs["num_classes"] or 3) and bool(torch.isfinite(got).all())
+    return Case(f"convert({kwargs})", call, fault, expect=lambda: None, check=check)
 
 
 def forward_case(draw, entry):
@@ -359,7 +360,7 @@ def _entry(name, entry, args):
 
 def _d(value):
     if isinstance(value, torch.Tensor):
-        layout = "cl" if value.dim() == 4 and not value.is_contiguous() else ("" if value.is_contiguous() else "strided")
+        layout = "" if value.is_contiguous() else ("cl" if value.dim() == 4 else "strided")
         return f"{str(value.dtype)[6:]}{list(value.shape)}{layout}"
     return type(value).__name__ if value is not None else "None"
 

@@ -45,8 +45,8 @@ def _make_backward(backend):
 _library.register_fake(["gather_rows"], _fake)
 # The compiled op is one op for its CPU and CUDA kernels: its backward calls the compiled combine_rows.
 _library.register_autograd(["gather_rows"], _make_backward("cpp"), _setup_context)
-backends.register("gather_rows", {"torch": _torch, "cpp": _library.op("gather_rows"), "cuda": _library.op("gather_rows")},
-                  {"triton": _load_triton})
+backends.register("gather_rows", {"torch": _torch, "cpp": _library.op("gather_rows"),
+                                  "cuda": _library.op("gather_rows")}, {"triton": _load_triton})
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor] = None,

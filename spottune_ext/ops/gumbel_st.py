@@ -22,6 +22,11 @@ def _load_triton():
     return _library.op("gumbel_st_triton")
 
 
+def _load_triton_backward():
+    backends.kernel("gumbel_st", "triton")  # defines both Triton variants
+    return _library.op("gumbel_st_backward_triton")
+
+
 def _fake(logits, noise, seed, tau, sample):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     shape = logits.shape[:2]
@@ -54,7 +59,7 @@ backends.register("gumbel_st", {"torch": _torch, "cpp": _library.op("gumbel_st")
 # The backward op on its own (its "torch" version is autograd through the reference).
 backends.register("gumbel_st_backward", {"cpp": _library.op("gumbel_st_backward"),
                                          "cuda": _library.op("gumbel_st_backward")},
-                  {"triton": lambda: backends.kernel("gumbel_st", "triton") and _library.op("gumbel_st_backward_triton")})
+                  {"triton": _load_triton_backward})
 
 
 def gumbel_st(logits: torch.Tensor, tau: float = 1.0, *, sample: bool = True, noise: Optional[torch.Tensor] = None,
