@@ -270,6 +270,11 @@ def test_malformed_checkpoints_raise_one_error_type(tmp_path):
     _rewrite(bad, {**good, "state_dict": nan_state}, digest=False)  # edited without the digest
     with pytest.raises(se.CheckpointError, match="corrupted: the digest"):
         se.load_checkpoint(bad)
+    bad_tau = dict(good["state_dict"])
+    bad_tau["policy._extra_state"] = {"tau": 1e-39}
+    _rewrite(bad, {**good, "state_dict": bad_tau})
+    with pytest.raises(se.CheckpointError, match="does not fit the model.*tau"):
+        se.load_checkpoint(bad)
     with pytest.raises(FileNotFoundError):
         se.load_checkpoint(str(tmp_path / "missing.pt"))
     assert issubclass(se.CheckpointError, ValueError)

@@ -110,7 +110,7 @@ def load_checkpoint(path: str, model: Optional[nn.Module] = None,
             raise ValueError(f"{path} holds a different model: saved {_summary(config)}, given {_summary(own)}")
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, TypeError) as err:  # shapes, keys, or a module's extra state
         raise CheckpointError(f"{path}: its state dict does not fit the model: {err}") from None
     return model, payload["extra"]
 
