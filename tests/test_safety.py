@@ -120,6 +120,11 @@ def test_one_seed_gives_the_same_decisions_on_every_backend(dtype):
         assert mismatches <= 1, f"{backend}: {mismatches} of {out.numel()} decisions differ from the torch backend"
 
 
+def test_philox_reference_takes_an_int_or_a_tensor_seed():
+    for seed in (0, -1, 2**63 - 1, -2**63, 123456789012345):
+        assert torch.equal(reference.philox_uniform(seed, 37), reference.philox_uniform(torch.tensor(seed), 37))
+
+
 def test_reference_upcasts_before_subtracting():
     # 3.015625 - (-3.0) = 6.015625 needs 9 significant bits: bfloat16 arithmetic rounds it to 6.0.
     logits = torch.tensor([[[-3.0, 3.015625]]], dtype=torch.bfloat16)
