@@ -21,7 +21,9 @@ SPOTTUNE_HOST_DEVICE acc_t logistic_noise(float u) {
 template <typename acc_t>
 SPOTTUNE_HOST_DEVICE void gumbel_decision(acc_t l0, acc_t l1, acc_t noise, acc_t inv_tau, acc_t* hard, acc_t* soft) {
   const acc_t d = (l1 - l0) + noise;
-  *hard = static_cast<acc_t>(d > acc_t(0));
+  // NaN when d is NaN (a NaN logit, or two infinite logits of one sign): never a valid route,
+  // so route_plan rejects it, on every backend alike.
+  *hard = d > acc_t(0) ? acc_t(1) : (d == d ? acc_t(0) : d);
   // Stable sigmoid: exp never overflows, even for logits of +-1e4 at a small tau.
   const acc_t x = d * inv_tau;
   const acc_t e = exp(-fabs(x));

@@ -28,6 +28,13 @@ inline int64_t row_size(const at::Tensor& x) {
   return n;
 }
 
+// The dtypes the kernels are compiled for.
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", s);
+}
+
 inline void check_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type(),
@@ -69,6 +76,7 @@ struct RoutePlanArgs {
 
 inline RoutePlanArgs prepare_route_plan(const at::Tensor& decisions) {
   TORCH_CHECK(decisions.dim() == 2, "route_plan: decisions must have shape [B, L], got ", decisions.sizes());
+  check_floating("route_plan", "decisions", decisions);
   RoutePlanArgs p;
   p.decisions = decisions.contiguous();
   p.B = p.decisions.size(0);
@@ -92,6 +100,7 @@ struct GatherArgs {
 inline GatherArgs prepare_gather_rows(const at::Tensor& x, const at::Tensor& index,
                                       const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(x.dim() >= 1, "gather_rows: x must have a batch dimension, got a 0-d tensor");
+  check_floating("gather_rows", "x", x);
   GatherArgs p;
   p.B = x.size(0);
   check_index("gather_rows", "index", index, x, p.B);
@@ -124,6 +133,7 @@ struct CombineArgs {
 inline CombineArgs prepare_combine_rows(const at::Tensor& src0, const at::Tensor& src1, const at::Tensor& dest,
                                         const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(src0.dim() >= 1, "combine_rows: src0 must have a batch dimension, got a 0-d tensor");
+  check_floating("combine_rows", "src0", src0);
   TORCH_CHECK(src1.dim() == src0.dim() && src1.sizes().slice(1) == src0.sizes().slice(1),
               "combine_rows: src0 and src1 must have the same sample shape, got ", src0.sizes(), " and ",
               src1.sizes());

@@ -7,12 +7,12 @@ level holds what a model author uses; data sets (spottune_ext.data), pre-trained
 """
 from . import _ext  # noqa: F401  (must come first: loads the compiled ops)
 from . import backends
-from .models import (STRATEGIES, PolicyNet, SpotTuneModel, Strategy, convert, export_global, get_strategy,
-                     load_checkpoint, save_checkpoint)
+from .models import (STRATEGIES, CheckpointError, PolicyNet, SpotTuneModel, Strategy, convert, export_global,
+                     get_strategy, load_checkpoint, save_checkpoint)
 from .ops import RoutePlan, combine_rows, gather_rows, gumbel_st, route_plan
 from .routed import RoutedBasicBlock, RoutedBottleneck, RoutedInvertedResidual, run_blocks
 
 __all__ = ["backends", "gumbel_st", "route_plan", "RoutePlan", "gather_rows", "combine_rows",
            "RoutedBasicBlock", "RoutedBottleneck", "RoutedInvertedResidual", "run_blocks",
            "convert", "export_global", "SpotTuneModel", "PolicyNet", "STRATEGIES", "Strategy", "get_strategy",
-           "save_checkpoint", "load_checkpoint"]
+           "save_checkpoint", "load_checkpoint", "CheckpointError"]

@@ -2,7 +2,8 @@
 
 The C++ library declares every schema (csrc/spottune_ext.cpp). The Triton implementation of an
 op is registered as a variant named "<op>_triton" whose schema is copied from the C++ one, so
-each schema is written once, and fake/autograd registrations are shared by both variants.
+each schema is written once; it is defined when the "triton" backend is first used
+(spottune_ext.backends), so that the package imports without triton.
 """
 import torch
 

@@ -6,8 +6,14 @@ Backends:
   "cuda"   : the compiled CUDA kernels, CUDA tensors (needs a CUDA build of the extension);
   "triton" : the Triton kernels, CUDA tensors (or CPU tensors under TRITON_INTERPRET=1);
   "auto"   : the fastest measured implementation for the tensor's device (see AUTO).
+
+Every op in spottune_ext/ops/ registers its implementations here (register) and runs the one
+implementation() returns; the Triton ones are loaded on first use, so the package imports and
+runs without triton installed.
 """
 import os
+import threading
+from typing import Callable, Dict
 
 import torch
 
@@ -27,6 +33,13 @@ AUTO = {
 }
 
 default_backend = "auto"
+
+
+def check_name(backend, where: str) -> str:
+    """A backend name ("auto" or one of BACKENDS), checked where it is set rather than at the first call."""
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}")
+    return backend
 
 
 def triton_available(device: torch.device) -> bool:
@@ -61,3 +74,34 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
             f"{op}: backend 'triton' needs triton and a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), "
             f"got a tensor on {device}")
     return backend
+
+
+_IMPLEMENTATIONS: Dict[str, Dict[str, Callable]] = {}
+_LOADERS: Dict[str, Dict[str, Callable[[], Callable]]] = {}
+_LOADING = threading.RLock()  # a loader defines ops: once, even with threads (re-entrant: loaders nest)
+
+
+def register(op: str, implementations: Dict[str, Callable], loaders: Dict[str, Callable[[], Callable]]) -> None:
+    """Declares `op`'s implementations: backend -> callable taking the op's schema arguments, and
+    backend -> loader, a function called once on first use that returns the callable."""
+    _IMPLEMENTATIONS[op] = dict(implementations)
+    _LOADERS[op] = dict(loaders)
+
+
+def kernel(op: str, backend: str) -> Callable:
+    """The implementation of `op` by the concrete `backend` (no device check: see implementation())."""
+    if op not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(_IMPLEMENTATIONS)}")
+    impls = _IMPLEMENTATIONS[op]
+    if backend not in impls:
+        if backend not in _LOADERS[op]:
+            raise ValueError(f"{op}: no implementation for backend {backend!r}")
+        with _LOADING:
+            if backend not in impls:
+                impls[backend] = _LOADERS[op][backend]()
+    return impls[backend]
+
+
+def implementation(op: str, backend: str, device: torch.device) -> Callable:
+    """The implementation of `op` that `backend` ("auto" or a name of BACKENDS) runs on `device`."""
+    return kernel(op, resolve(op, backend, device))

@@ -1,6 +1,7 @@
 """The one way the project writes a file: whole or not at all, even across a crash or a kill."""
 import contextlib
 import csv
+import glob
 import json
 import os
 import tempfile
@@ -9,10 +10,15 @@ import tempfile
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **open_kwargs):
     """Yields a file object for a temporary file beside `path`; on success it is flushed, fsynced and
-    renamed over `path` (readers see the old file or the new one, never a part); on error it is removed."""
+    renamed over `path` (readers see the old file or the new one, never a part); on error it is removed.
+    Temporary files of `path` that a killed write left behind are removed first."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    directory, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.tmp-"
+    for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f

@@ -4,7 +4,7 @@ They define the ops' semantics: the tests compare each kernel against them, the 
 them as the plain-torch baseline, and the "torch" backend runs them. Each takes the same
 arguments and returns the same outputs as the op schema in csrc/spottune_ext.cpp.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -15,13 +15,17 @@ _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 
 
-def philox_uniform(seed: int, n: int, device=None) -> torch.Tensor:
+def philox_uniform(seed: Union[int, torch.Tensor], n: int, device=None) -> torch.Tensor:
     """The uniform stream of csrc/philox.h, float32 [n]: value i is word i % 4 of Philox4x32-10
     at counter (i // 4, 0, 0, 0), as Triton's tl.randint4x(seed, i // 4).
 
+    seed: an int, or an int64 tensor of one value (read on its device: no host synchronisation).
     uint32 arithmetic in int64 tensors: products wrap modulo 2**64, which keeps both 32-bit halves exact.
     """
-    seed &= (1 << 64) - 1
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=device, dtype=torch.int64).reshape(())  # >> 32 then & _MASK32: the high word
+    else:
+        seed &= (1 << 64) - 1
     c0 = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
@@ -50,16 +54,18 @@ def gumbel_st(logits: torch.Tensor, noise: Optional[torch.Tensor], seed: Optiona
 
     hard is exactly 0/1 and carries the gradient of soft = sigmoid((l1 - l0 + g) / tau), with g the
     logistic noise log(u / (1 - u)) (the difference of two Gumbel samples), or 0 when not sampling.
+    hard is NaN where l1 - l0 + g is NaN. The uniforms come from the Philox stream of csrc/philox.h
+    keyed by `seed`, as in the kernels.
     """
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    d = (logits[..., 1] - logits[..., 0]).to(acc)
+    d = logits[..., 1].to(acc) - logits[..., 0].to(acc)  # upcast first, as the kernels do
     if sample:
         if noise is None:
-            noise = philox_uniform(int(seed), d.numel(), d.device).view_as(d)
+            noise = philox_uniform(seed, d.numel(), d.device).view_as(d)
         u = noise.to(torch.float32).clamp(UNIFORM_EPS, 1 - UNIFORM_EPS).to(acc)
         d = d + torch.log(u / (1 - u))
     soft = torch.sigmoid(d / tau)
-    hard = (d > 0).to(acc)
+    hard = torch.where(torch.isnan(d), d, (d > 0).to(acc))
     # hard + (soft - soft) is exactly hard; (hard + soft) - soft is not always.
     return (hard + (soft - soft.detach())).to(logits.dtype), soft
 

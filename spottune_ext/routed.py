@@ -63,6 +63,7 @@ from torch.autograd.function import once_differentiable
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from . import backends
 from .ops import combine_rows, gather_rows, route_plan
 
 EXECUTIONS = ("grouped", "dense")
@@ -156,6 +157,7 @@ class RoutedBlock(nn.Module):
                  frozen_bn: str = "eval") -> None:
         super().__init__()
         name = type(self).__name__
+        backends.check_name(backend, name)
         if frozen_bn not in FROZEN_BN:
             raise ValueError(f"{name}: frozen_bn must be one of {FROZEN_BN}, got {frozen_bn!r}")
         _check_norm_layers(block, name)
@@ -358,7 +360,9 @@ def run_blocks(modules: Iterable[nn.Module], x: torch.Tensor, decisions: torch.T
 
 
 def _storages(module: nn.Module) -> set:
-    return {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers()) if t.numel()}
+    # Meta tensors (a model built to check its shapes) have no storage to share.
+    return {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())
+            if t.numel() and t.device.type != "meta"}
 
 
 def _describe(value) -> str:

@@ -118,8 +118,7 @@ def test_route_plan_semantics(backend, device, B, L):
 def test_route_plan_counts_invalid_decisions(backend, device, chain):
     d = decisions_for(11, 5, "random", device=device, seed=7)
     d[0, 0], d[3, 2], d[4, 2], d[10, 4], d[5, 1] = 0.5, -1.0, 2.0, float("nan"), float("inf")
-    op = torch.ops.spottune_ext.route_plan_triton if backend == "triton" else torch.ops.spottune_ext.route_plan
-    got = op(d, chain)
+    got = se.backends.kernel("route_plan", backend)(d, chain)
     want = reference.route_plan(d, chain)
     assert got[2][-1].item() == 5
     assert all(torch.equal(a, b) for a, b in zip(got, want))
@@ -365,6 +364,9 @@ def test_gradcheck(backend, device, layout):
 def _variant(suffix):
     if suffix == "_triton" and not INTERPRET:
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    if suffix == "_triton":  # the Triton variants are defined on first use
+        for name in ("route_plan", "gather_rows", "combine_rows"):
+            se.backends.kernel(name, "triton")
     return lambda name: getattr(torch.ops.spottune_ext, name + suffix)
 
 
@@ -470,7 +472,7 @@ _COMPILE = textwrap.dedent("""
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from spottune_ext.triton import combine_rows, gather_rows, route_plan
+    from spottune_ext.triton import combine_rows, gather_rows, gumbel_st, route_plan
 
     def build(fn, signature, constexprs):
         triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
@@ -490,6 +492,16 @@ _COMPILE = textwrap.dedent("""
                       dict(src_ptr=dt, dest_ptr="*i64", res_ptr=dt, out_ptr=dt, row_size="i32",
                            HAS_RESIDUAL="constexpr", RELU="constexpr", ACC="constexpr", BLOCK="constexpr"),
                       dict(HAS_RESIDUAL=residual, RELU=relu, ACC=acc, BLOCK=1024))
+        acc_ptr = "*fp64" if acc == tl.float64 else "*fp32"
+        for sample, use_noise in ((False, False), (True, False), (True, True)):
+            build(gumbel_st._gumbel_st_kernel,
+                  dict(logits_ptr=dt, noise_ptr="*fp32", seed_ptr="*i64", hard_ptr=dt, soft_ptr=acc_ptr, n="i32",
+                       inv_tau_ptr=acc_ptr, SAMPLE="constexpr", USE_NOISE="constexpr", ACC="constexpr",
+                       EPS="constexpr", BLOCK="constexpr"),
+                  dict(SAMPLE=sample, USE_NOISE=use_noise, ACC=acc, EPS=gumbel_st.UNIFORM_EPS, BLOCK=1024))
+        build(gumbel_st._gumbel_st_backward_kernel,
+              dict(grad_ptr=dt, soft_ptr=acc_ptr, out_ptr=dt, n="i32", inv_tau_ptr=acc_ptr, ACC="constexpr",
+                   BLOCK="constexpr"), dict(ACC=acc, BLOCK=1024))
     print("compiled")
 """)
 

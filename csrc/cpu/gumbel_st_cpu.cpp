@@ -22,6 +22,7 @@ __m256 Sleef_logf8_u10avx2(__m256);
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "gumbel_st_checks.h"
 #include "gumbel_st_math.h"
 
 namespace spottune_ext {
@@ -53,7 +54,9 @@ __attribute__((target("avx2,fma"))) void relax_avx2(const float* d, int64_t n, f
     const __m256 e = Sleef_expf8_u10avx2(_mm256_or_ps(x, sign));  // exp(-|x|)
     const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
     _mm256_storeu_ps(soft + k, _mm256_blendv_ps(_mm256_mul_ps(e, r), r, _mm256_cmp_ps(x, zero, _CMP_GE_OQ)));
-    _mm256_storeu_ps(hard + k, _mm256_and_ps(_mm256_cmp_ps(dv, zero, _CMP_GT_OQ), one));
+    // 1 where d > 0, NaN where d is NaN (as gumbel_decision), else 0.
+    const __m256 h = _mm256_and_ps(_mm256_cmp_ps(dv, zero, _CMP_GT_OQ), one);
+    _mm256_storeu_ps(hard + k, _mm256_blendv_ps(h, dv, _mm256_cmp_ps(dv, dv, _CMP_UNORD_Q)));
   }
   relax_scalar(d + k, n - k, inv_tau, hard + k, soft + k);
 }
@@ -132,12 +135,11 @@ void gumbel_st_double(const double* logits, const float* noise, const int64_t* s
 
 std::tuple<at::Tensor, at::Tensor> gumbel_st_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& noise,
                                                  const std::optional<at::Tensor>& seed, double tau, bool sample) {
-  TORCH_CHECK(logits.dim() == 3 && logits.size(2) == 2, "gumbel_st: logits must be [B, L, 2]");
+  check_gumbel_st_args(logits, noise, seed, tau, sample);
   const bool use_noise = sample && noise.has_value();
   const bool use_seed = sample && !use_noise;
-  TORCH_CHECK(!use_seed || seed.has_value(), "gumbel_st: sampling needs noise or a seed");
   const auto x = logits.contiguous();
-  const auto u = use_noise ? noise->to(at::kFloat).contiguous() : at::Tensor();
+  const auto u = use_noise ? noise->contiguous() : at::Tensor();
   const int64_t seed_value = use_seed ? seed->item<int64_t>() : 0;
   const float* u_ptr = use_noise ? u.const_data_ptr<float>() : nullptr;
   const int64_t* seed_ptr = use_seed ? &seed_value : nullptr;
@@ -160,13 +162,13 @@ std::tuple<at::Tensor, at::Tensor> gumbel_st_cpu(const at::Tensor& logits, const
 }
 
 at::Tensor gumbel_st_backward_cpu(const at::Tensor& grad, const at::Tensor& soft, double tau) {
+  check_gumbel_st_backward_args(grad, soft, tau);
   const auto g = grad.contiguous();
   const auto s = soft.contiguous();
   const int64_t n = g.numel();
   auto out = at::empty({g.size(0), g.size(1), 2}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gumbel_st_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    TORCH_CHECK(s.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "gumbel_st_backward: soft has the wrong dtype");
     const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
     const acc_t* s_ptr = s.const_data_ptr<acc_t>();
     scalar_t* o = out.data_ptr<scalar_t>();

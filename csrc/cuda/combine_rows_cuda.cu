@@ -67,6 +67,7 @@ at::Tensor combine_rows_cuda(const at::Tensor& src0, const at::Tensor& src1, con
                              const std::optional<at::Tensor>& residual, bool relu) {
   const c10::cuda::CUDAGuard guard(src0.device());
   auto p = prepare_combine_rows(src0, src1, dest, residual);
+  check_permutation_cuda(p.dest);
   if (p.B == 0 || p.R == 0) return p.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src0.scalar_type(), "combine_rows_cuda", [&] {
     const void* r_ptr = p.residual.defined() ? p.residual.const_data_ptr() : nullptr;

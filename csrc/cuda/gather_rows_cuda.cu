@@ -54,6 +54,7 @@ void launch(const at::Tensor& x, const at::Tensor& index, const at::Tensor& mask
 at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index, const std::optional<at::Tensor>& mask) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto p = prepare_gather_rows(x, index, mask);
+  check_permutation_cuda(p.index);
   if (p.B == 0 || p.R == 0) return p.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_rows_cuda", [&] {
     const void* mask_ptr = p.mask.defined() ? p.mask.const_data_ptr() : nullptr;

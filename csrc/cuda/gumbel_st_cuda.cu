@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "gumbel_st_checks.h"
 #include "gumbel_st_math.h"
 
 namespace spottune_ext {
@@ -43,14 +44,13 @@ __global__ void gumbel_st_backward_kernel(const scalar_t* __restrict__ grad, con
 
 std::tuple<at::Tensor, at::Tensor> gumbel_st_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& noise,
                                                   const std::optional<at::Tensor>& seed, double tau, bool sample) {
-  TORCH_CHECK(logits.dim() == 3 && logits.size(2) == 2, "gumbel_st: logits must be [B, L, 2]");
+  check_gumbel_st_args(logits, noise, seed, tau, sample);
   const bool use_noise = sample && noise.has_value();
   const bool use_seed = sample && !use_noise;
-  TORCH_CHECK(!use_seed || seed.has_value(), "gumbel_st: sampling needs noise or a seed");
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto x = logits.contiguous();
-  const auto u = use_noise ? noise->to(at::kFloat).contiguous() : at::Tensor();
-  const auto s = use_seed ? seed->to(at::kLong).contiguous() : at::Tensor();
+  const auto u = use_noise ? noise->contiguous() : at::Tensor();
+  const auto s = use_seed ? seed->contiguous() : at::Tensor();
   const int64_t n = x.size(0) * x.size(1);
   auto hard = at::empty({x.size(0), x.size(1)}, x.options());
   at::Tensor soft;
@@ -69,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_st_cuda(const at::Tensor& logits, cons
 }
 
 at::Tensor gumbel_st_backward_cuda(const at::Tensor& grad, const at::Tensor& soft, double tau) {
+  check_gumbel_st_backward_args(grad, soft, tau);
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto g = grad.contiguous();
   const auto s = soft.contiguous();
@@ -78,7 +79,6 @@ at::Tensor gumbel_st_backward_cuda(const at::Tensor& grad, const at::Tensor& sof
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gumbel_st_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    TORCH_CHECK(s.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "gumbel_st_backward: soft has the wrong dtype");
     gumbel_st_backward_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), n, static_cast<acc_t>(1.0 / tau),
         out.data_ptr<scalar_t>());

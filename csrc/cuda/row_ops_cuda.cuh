@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -43,5 +45,38 @@ inline dim3 row_grid(int64_t rows, int64_t row_elems, int vec) {
   return dim3(static_cast<unsigned int>((row_elems + per_block - 1) / per_block),
               static_cast<unsigned int>(std::min(rows, kMaxGridY)));
 }
+
+namespace {
+
+// Permutation check on the device, without a host synchronisation: counts every index value,
+// then asserts each of range(n) was seen once. A failure is a device-side assertion (the CUDA
+// context is then unusable, as with any device assert); the CPU kernels raise instead.
+__global__ void count_index_kernel(const int64_t* __restrict__ index, int64_t n, int* __restrict__ seen) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int64_t v = index[i];
+  CUDA_KERNEL_ASSERT_MSG(v >= 0 && v < n, "spottune_ext row op: index/dest value out of range (not a permutation)");
+  atomicAdd(seen + v, 1);
+}
+
+__global__ void check_seen_once_kernel(const int* __restrict__ seen, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  CUDA_KERNEL_ASSERT_MSG(seen[i] == 1, "spottune_ext row op: index/dest value repeated (not a permutation)");
+}
+
+inline void check_permutation_cuda(const at::Tensor& index) {
+  const int64_t n = index.numel();
+  if (n == 0) return;
+  auto seen = at::zeros({n}, index.options().dtype(at::kInt));
+  const unsigned int blocks = static_cast<unsigned int>((n + kRowThreads - 1) / kRowThreads);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  count_index_kernel<<<blocks, kRowThreads, 0, stream>>>(index.const_data_ptr<int64_t>(), n, seen.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_seen_once_kernel<<<blocks, kRowThreads, 0, stream>>>(seen.const_data_ptr<int>(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
 
 }  // namespace spottune_ext

@@ -6,6 +6,7 @@ and the image size, and returns {"train": pool} or {"train": pool, "test": offic
 import csv
 import gzip
 import importlib.util
+import io
 import pickle
 import sys
 from pathlib import Path
@@ -85,23 +86,71 @@ def load_fashion_mnist(root, image_size):
     return {"train": train, "test": test}
 
 
+# The largest decompressed pickle read (the Animal-MNIST images take 7.8 MB): a crafted file cannot
+# exhaust memory.
+MAX_PICKLE_BYTES = 64 << 20
+
+
+def _make_dtype(*args):
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"object arrays are not allowed (dtype {dtype})")
+    return dtype
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads a pickled numpy array and nothing else: the only globals it resolves are the ones an array of
+    plain numbers needs, so a crafted file cannot run code (pickle.load would call anything it names)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _make_dtype,
+    }
+
+    def find_class(self, module, name):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file (only plain numpy "
+                                         f"arrays are read)") from None
+
+
+def read_array_pickle(path):
+    """A gzip-compressed pickle of one numpy array of numbers, read without running code.
+
+    Raises ValueError naming the file if it holds anything else (another object, an object array, a
+    reference to any other function or class) or decompresses to more than MAX_PICKLE_BYTES.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read(MAX_PICKLE_BYTES + 1)
+        if len(data) > MAX_PICKLE_BYTES:
+            raise ValueError(f"larger than {MAX_PICKLE_BYTES} bytes once decompressed")
+        array = _ArrayUnpickler(io.BytesIO(data)).load()
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: not a gzip-compressed pickle of a numpy array ({err})") from None
+    if type(array) is not np.ndarray or array.dtype.hasobject:
+        raise ValueError(f"{path}: expected a numpy array of numbers, got {type(array).__name__}")
+    return array
+
+
 def load_animal_mnist(root, image_size):
     """Animal-MNIST (PyPI animal-mnist 0.4; MIT licence): 10,000 white-on-black animal silhouettes,
     gray 28x28, 1,000 per class, 10 classes (bear ... zebra), stored sorted by class.
 
     Files: animal_data_version_3.gz and animal_label_version_3.gz (gzip-compressed pickles of a uint8
-    array [N, 28, 28] and an int array [N]) in the package's data/Animal_MNIST/.
+    array [N, 28, 28] and an int array [N]) in the package's data/Animal_MNIST/, read with an allow-list
+    unpickler that accepts plain numpy arrays only (read_array_pickle), never with pickle.load.
     Install with: pip install --no-deps animal-mnist==0.4 (its metadata requires tensorflow, which
     reading the data does not need).
     """
     if root is None:
         root = _package_dir("animal_mnist", "animal-mnist", ANIMAL_MNIST_INSTALL) / "data" / "Animal_MNIST"
     root = check_dir(root, "Animal-MNIST", ANIMAL_MNIST_INSTALL)
-    arrays = []
-    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
-        with gzip.open(_require_file(root / name, "Animal-MNIST", ANIMAL_MNIST_INSTALL), "rb") as f:
-            arrays.append(np.asarray(pickle.load(f)))
-    images, labels = arrays
+    images, labels = (read_array_pickle(_require_file(root / name, "Animal-MNIST", ANIMAL_MNIST_INSTALL))
+                      for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"))
     if images.dtype != np.uint8 or images.ndim != 3 or labels.shape != images.shape[:1]:
         raise ValueError(f"Animal-MNIST: unexpected arrays {images.dtype} {images.shape} / {labels.shape}")
     return {"train": ArrayImageDataset(images, labels, ANIMAL_MNIST_CLASSES, image_size)}

@@ -1,6 +1,6 @@
 """Models: convert a pre-trained backbone into SpotTune (or a baseline strategy), the Visual Decathlon
 ResNet-26, the policy network, global-k losses, export to a plain network, weights and checkpoints."""
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .convert import SpotTuneModel, convert, export_global, parameter_counts
 from .global_k import entropy_loss, global_k_loss, global_k_objective, usage_fraction
 from .policy import PolicyNet
@@ -13,6 +13,6 @@ __all__ = [
     "resnet26", "DecathlonResNet", "ZeroPadShortcut", "PolicyNet",
     "usage_fraction", "global_k_loss", "entropy_loss", "global_k_objective",
     "STRATEGIES", "Strategy", "get_strategy",
-    "save_checkpoint", "load_checkpoint",
+    "save_checkpoint", "load_checkpoint", "CheckpointError",
     "load_weights", "read_weights", "weights_file", "mobilenet_v2_offline_file", "MOBILENET_V2_OFFLINE",
 ]

@@ -1,13 +1,14 @@
 """convert(): a pre-trained backbone -> a SpotTune model (or a baseline strategy) that drops into a
 training loop; export_global(): a deterministic routed model -> the plain backbone it amounts to."""
 import copy
+import numbers
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import routed
+from .. import backends, routed
 from . import families
 from .policy import PolicyNet
 from .strategies import Strategy, get_strategy
@@ -65,12 +66,12 @@ class SpotTuneModel(nn.Module):
 
     def forward(self, x: torch.Tensor, decisions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for a batch; `decisions` [B, L] (0/1, optional) overrides the strategy's."""
+        routed._check_input("SpotTuneModel", x)
         if decisions is None:
             decisions = self.decide(x)
         else:
-            if decisions.shape != (x.shape[0], self.num_routed):
-                raise ValueError(f"decisions must have shape [B, L] = [{x.shape[0]}, {self.num_routed}], "
-                                 f"got {list(decisions.shape)}")
+            routed._check_decisions("SpotTuneModel", "decisions", decisions, (x.shape[0], self.num_routed),
+                                    f"[B, L] = [{x.shape[0]}, {self.num_routed}]", x.device)
             self.last_decision_mode = "given"
         self.last_policy = decisions
         if not self.training:
@@ -188,6 +189,10 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
     """
     family = families.family_of(model)
     strategy = get_strategy(strategy, **strategy_options)
+    backends.check_name(backend, "convert")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"convert: num_classes must be a positive int or None, got {num_classes!r}")
     if execution not in ("grouped", "dense"):
         raise ValueError(f"execution must be 'grouped' or 'dense', got {execution!r}")
     if frozen_bn not in ("eval", "train"):
@@ -199,8 +204,6 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
 
     backbone = copy.deepcopy(model)
     if num_classes is not None:
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
         family.replace_classifier(backbone, num_classes)
     try:
         description = families.describe(backbone)
@@ -243,6 +246,13 @@ def _select_blocks(adaptive_blocks: AdaptiveBlocks, names: List[str]) -> List[in
         return list(range(len(names)))
     if callable(adaptive_blocks):
         return [i for i, name in enumerate(names) if adaptive_blocks(i, name)]
+    if isinstance(adaptive_blocks, (str, bytes)) or not isinstance(adaptive_blocks, Iterable):
+        raise TypeError(f"adaptive_blocks must be None, a sequence of block indices or a predicate f(index, name), "
+                        f"got {type(adaptive_blocks).__name__}")
+    adaptive_blocks = list(adaptive_blocks)
+    not_ints = [i for i in adaptive_blocks if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if not_ints:
+        raise TypeError(f"adaptive_blocks must hold int block indices, got {not_ints[:5]}")
     indices = sorted({int(i) for i in adaptive_blocks})
     bad = [i for i in indices if not 0 <= i < len(names)]
     if bad:

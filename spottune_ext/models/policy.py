@@ -1,13 +1,20 @@
 """The SpotTune policy network: a small ResNet that emits every block's route decision at once."""
-import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks, backends
 from ..ops import gumbel_st
 from .resnet26 import DecathlonResNet
+
+
+def _positive_int(name: str, value, expected: str = "a positive int") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"PolicyNet: {name} must be {expected}, got {value!r}")
+    return int(value)
 
 
 
@@ -25,7 +32,8 @@ class PolicyNet(nn.Module):
         input_size: if given, the image is resized (bilinear, antialiased) to input_size x input_size
             before the policy reads it, which makes the policy cheaper; None reads the image as it is
             (the authors' choice).
-        tau: Gumbel-softmax temperature (the authors use 5 and never anneal it).
+        tau: Gumbel-softmax temperature (the authors use 5 and never anneal it); tau and tau_min must be
+            at least 1 / (the largest float32) ~ 2.9e-39, so that 1 / tau is finite in float32.
         tau_decay, tau_min: optional exponential annealing: every anneal() call multiplies tau by
             tau_decay, never going below tau_min (tau_decay=1 keeps tau constant).
         sample_in_eval: in eval mode decisions are the argmax of the logits unless this is True, in
@@ -47,19 +55,24 @@ class PolicyNet(nn.Module):
                  tau: float = 5.0, tau_decay: float = 1.0, tau_min: float = 0.5, sample_in_eval: bool = False,
                  backend: str = "auto", stem_width: int = 32, init_tuned: Optional[float] = None) -> None:
         super().__init__()
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"PolicyNet needs num_blocks >= 1 (the number of routed blocks), got {num_blocks!r}")
-        for name, value in (("tau", tau), ("tau_min", tau_min)):
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"PolicyNet: {name} must be finite and > 0, got {value!r}")
-        if not 0 < tau_decay <= 1:
-            raise ValueError(f"PolicyNet: tau_decay must be in (0, 1], got {tau_decay!r}")
-        if init_tuned is not None and not 0 < init_tuned < 1:
-            raise ValueError(f"PolicyNet: init_tuned must be in (0, 1) or None, got {init_tuned!r}")
-        if input_size is not None and input_size < 1:
-            raise ValueError(f"PolicyNet: input_size must be a positive int or None, got {input_size!r}")
-        self.num_blocks, self.widths, self.input_size = num_blocks, tuple(widths), input_size
-        self.tau, self.tau_decay, self.tau_min = float(tau), float(tau_decay), float(tau_min)
+        num_blocks = _positive_int("num_blocks", num_blocks, "a positive int (the number of routed blocks)")
+        tau, tau_min = _checks.tau("PolicyNet", tau, "tau"), _checks.tau("PolicyNet", tau_min, "tau_min")
+        if isinstance(tau_decay, bool) or not isinstance(tau_decay, numbers.Real) or not 0 < tau_decay <= 1:
+            raise ValueError(f"PolicyNet: tau_decay must be a number in (0, 1], got {tau_decay!r}")
+        if init_tuned is not None and (isinstance(init_tuned, bool) or not isinstance(init_tuned, numbers.Real)
+                                       or not 0 < init_tuned < 1):
+            raise ValueError(f"PolicyNet: init_tuned must be a number in (0, 1) or None, got {init_tuned!r}")
+        if input_size is not None:
+            input_size = _positive_int("input_size", input_size, "a positive int or None")
+        if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
+            raise ValueError(f"PolicyNet: widths must be a non-empty sequence of positive ints, got {widths!r}")
+        widths = tuple(_positive_int("every width", w) for w in widths)
+        stem_width = _positive_int("stem_width", stem_width)
+        if not isinstance(sample_in_eval, bool):
+            raise TypeError(f"PolicyNet: sample_in_eval must be a bool, got {type(sample_in_eval).__name__}")
+        backends.check_name(backend, "PolicyNet")
+        self.num_blocks, self.widths, self.input_size = num_blocks, widths, input_size
+        self.tau, self.tau_decay, self.tau_min = tau, float(tau_decay), tau_min
         self.sample_in_eval, self.backend = sample_in_eval, backend
         self.last_mode: Optional[str] = None
         self.stem_width = stem_width
@@ -96,7 +109,9 @@ class PolicyNet(nn.Module):
         return {"tau": self.tau}
 
     def set_extra_state(self, state: dict) -> None:
-        self.tau = float(state["tau"])
+        if not isinstance(state, dict) or "tau" not in state:
+            raise ValueError(f"PolicyNet: extra state must be {{'tau': float}}, got {state!r}")
+        self.tau = _checks.tau("PolicyNet (saved state)", state["tau"])
 
     def config(self) -> dict:
         return {"num_blocks": self.num_blocks, "widths": list(self.widths), "input_size": self.input_size,

@@ -4,16 +4,20 @@ from typing import Optional
 
 import torch
 
-from .. import _library, backends, reference
-from ..triton import combine_rows as triton_combine_rows
+from .. import _checks, _library, backends, reference
 
-_library.define_triton_variant("combine_rows", triton_combine_rows.combine_rows)
 
-_OPS = {
-    "cpp": _library.op("combine_rows"),
-    "cuda": _library.op("combine_rows"),
-    "triton": _library.op("combine_rows_triton"),
-}
+def _torch(src0, src1, dest, residual, relu):
+    _checks.permutation("combine_rows", "dest", dest)  # a repeat would leave rows of index_copy_'s output unset
+    return reference.combine_rows(src0, src1, dest, residual, relu)
+
+
+def _load_triton():
+    from ..triton import combine_rows as kernels
+    _library.define_triton_variant("combine_rows", kernels.combine_rows)
+    _library.register_fake(["combine_rows_triton"], _fake)
+    _library.register_autograd(["combine_rows_triton"], _make_backward("triton"), _setup_context)
+    return _library.op("combine_rows_triton")
 
 
 def _fake(src0, src1, dest, residual, relu):
@@ -30,52 +34,21 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(dest, output if relu else None)
 
 
-def _make_backward(suffix):
+def _make_backward(backend):
     def backward(ctx, grad):
         dest, out = ctx.saved_tensors
         # Row i of the sources went to out[dest[i]]: its gradient is grad[dest[i]], zeroed where a
         # fused ReLU was inactive.
-        rows = _library.op("gather_rows" + suffix)(grad, dest, out)
+        rows = backends.kernel("gather_rows", backend)(grad, dest, out)
         return rows[:ctx.n0], rows[ctx.n0:], None, rows if ctx.has_residual else None, None
     return backward
 
 
-_library.register_fake(["combine_rows", "combine_rows_triton"], _fake)
-_library.register_autograd(["combine_rows"], _make_backward(""), _setup_context)
-_library.register_autograd(["combine_rows_triton"], _make_backward("_triton"), _setup_context)
-
-
-def _check_like(name: str, t: torch.Tensor, like: torch.Tensor, shape) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"combine_rows expects {name} as a tensor, got {type(t).__name__}")
-    if list(t.shape) != list(shape):
-        raise ValueError(f"combine_rows expects {name} of shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype != like.dtype:
-        raise TypeError(f"combine_rows expects {name} of src0's dtype {like.dtype}, got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"combine_rows expects {name} on src0's device {like.device}, got {t.device}")
-
-
-def _check(src0, src1, dest, residual) -> None:
-    for name, src in (("src0", src0), ("src1", src1)):
-        if not isinstance(src, torch.Tensor):
-            raise TypeError(f"combine_rows expects {name} as a tensor [n, ...], got {type(src).__name__}")
-        if src.dim() < 1:
-            raise ValueError(f"combine_rows expects {name} with a batch dimension [n, ...], got a 0-d tensor")
-    if not src0.is_floating_point():
-        raise TypeError(f"combine_rows expects floating sources, got {src0.dtype}")
-    _check_like("src1", src1, src0, [src1.shape[0], *src0.shape[1:]])  # src0's sample shape
-    B = src0.shape[0] + src1.shape[0]
-    if not isinstance(dest, torch.Tensor) or dest.dtype != torch.int64:
-        got = dest.dtype if isinstance(dest, torch.Tensor) else type(dest).__name__
-        raise TypeError(f"combine_rows expects dest as an int64 tensor, got {got}")
-    if list(dest.shape) != [B]:
-        raise ValueError(f"combine_rows expects dest of shape [rows(src0) + rows(src1)] = [{B}] (a permutation), "
-                         f"got {list(dest.shape)}")
-    if dest.device != src0.device:
-        raise ValueError(f"combine_rows expects dest on src0's device {src0.device}, got {dest.device}")
-    if residual is not None:
-        _check_like("residual", residual, src0, [B, *src0.shape[1:]])
+_library.register_fake(["combine_rows"], _fake)
+# The compiled op is one op for its CPU and CUDA kernels: its backward calls the compiled gather_rows.
+_library.register_autograd(["combine_rows"], _make_backward("cpp"), _setup_context)
+backends.register("combine_rows", {"torch": _torch, "cpp": _library.op("combine_rows"),
+                                   "cuda": _library.op("combine_rows")}, {"triton": _load_triton})
 
 
 def combine_rows(src0: torch.Tensor, src1: torch.Tensor, dest: torch.Tensor, residual: Optional[torch.Tensor] = None,
@@ -91,11 +64,10 @@ def combine_rows(src0: torch.Tensor, src1: torch.Tensor, dest: torch.Tensor, res
         relu: apply a ReLU after the add.
         backend: "auto", "torch", "cpp", "cuda" or "triton" (see spottune_ext.backends).
 
-    The C++ CPU kernel checks that dest is a permutation; the other backends check only its range
-    (the CUDA kernel with a device assertion, the Triton kernel not at all).
+    Every backend checks that dest is a permutation before writing a row: on the CPU (and Triton
+    under TRITON_INTERPRET=1) a bad dest raises a ValueError or RuntimeError naming it; on a GPU
+    the check is a device-side assertion (no host synchronisation; a failure leaves the CUDA
+    context unusable).
     """
-    _check(src0, src1, dest, residual)
-    impl = backends.resolve("combine_rows", backend, src0.device)
-    if impl == "torch":
-        return reference.combine_rows(src0, src1, dest, residual, bool(relu))
-    return _OPS[impl](src0, src1, dest, residual, bool(relu))
+    _checks.combine_rows(src0, src1, dest, residual)
+    return backends.implementation("combine_rows", backend, src0.device)(src0, src1, dest, residual, bool(relu))

@@ -1,23 +1,30 @@
 """spottune_ext.gumbel_st: the fused straight-through Gumbel-softmax decision (paper eq. 3-4)."""
-import math
 from typing import Optional
 
 import torch
 
-from .. import _library, backends, reference
-from ..triton import gumbel_st as triton_gumbel_st
+from .. import _checks, _library, backends, reference
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-_library.define_triton_variant("gumbel_st", triton_gumbel_st.forward)
-_library.define_triton_variant("gumbel_st_backward", triton_gumbel_st.backward)
+def _torch(logits, noise, seed, tau, sample):
+    _checks.gumbel_st(logits, noise, seed, tau, sample)
+    return reference.gumbel_st(logits, noise, seed, tau, sample)
 
-_OPS = {
-    "torch": (reference.gumbel_st, None),
-    "cpp": (_library.op("gumbel_st"), _library.op("gumbel_st_backward")),
-    "cuda": (_library.op("gumbel_st"), _library.op("gumbel_st_backward")),
-    "triton": (_library.op("gumbel_st_triton"), _library.op("gumbel_st_backward_triton")),
-}
+
+def _load_triton():
+    from ..triton import gumbel_st as kernels
+    _library.define_triton_variant("gumbel_st", kernels.forward)
+    _library.define_triton_variant("gumbel_st_backward", kernels.backward)
+    _library.register_fake(["gumbel_st_triton"], _fake)
+    _library.register_fake(["gumbel_st_backward_triton"], _fake_backward)
+    _library.register_autograd(["gumbel_st_triton"], _make_backward(_library.op("gumbel_st_backward_triton")),
+                               _setup_context)
+    return _library.op("gumbel_st_triton")
+
+
+def _load_triton_backward():
+    backends.kernel("gumbel_st", "triton")  # defines both Triton variants
+    return _library.op("gumbel_st_backward_triton")
 
 
 def _fake(logits, noise, seed, tau, sample):
@@ -44,26 +51,15 @@ def _make_backward(backward_op):
     return backward
 
 
-_library.register_fake(["gumbel_st", "gumbel_st_triton"], _fake)
-_library.register_fake(["gumbel_st_backward", "gumbel_st_backward_triton"], _fake_backward)
+_library.register_fake(["gumbel_st"], _fake)
+_library.register_fake(["gumbel_st_backward"], _fake_backward)
 # The compiled op's autograd is registered in C++ (csrc/gumbel_st_autograd.cpp).
-_library.register_autograd(["gumbel_st_triton"], _make_backward(_OPS["triton"][1]), _setup_context)
-
-
-def _check(logits: torch.Tensor, tau: float, noise: Optional[torch.Tensor]) -> None:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"gumbel_st expects logits as a tensor of shape [B, L, 2], got {type(logits).__name__}")
-    if logits.dim() != 3 or logits.shape[-1] != 2:
-        raise ValueError(f"gumbel_st expects logits of shape [B, L, 2], got {list(logits.shape)}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"gumbel_st expects floating logits (float32, float16, bfloat16 or float64), got {logits.dtype}")
-    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"gumbel_st expects a finite temperature tau > 0, got {tau!r}")
-    if noise is not None:
-        if noise.shape != logits.shape[:2]:
-            raise ValueError(f"gumbel_st expects noise of shape [B, L] = {list(logits.shape[:2])}, got {list(noise.shape)}")
-        if noise.dtype != torch.float32 or noise.device != logits.device:
-            raise TypeError(f"gumbel_st expects float32 noise on {logits.device}, got {noise.dtype} on {noise.device}")
+backends.register("gumbel_st", {"torch": _torch, "cpp": _library.op("gumbel_st"), "cuda": _library.op("gumbel_st")},
+                  {"triton": _load_triton})
+# The backward op on its own (its "torch" version is autograd through the reference).
+backends.register("gumbel_st_backward", {"cpp": _library.op("gumbel_st_backward"),
+                                         "cuda": _library.op("gumbel_st_backward")},
+                  {"triton": _load_triton_backward})
 
 
 def gumbel_st(logits: torch.Tensor, tau: float = 1.0, *, sample: bool = True, noise: Optional[torch.Tensor] = None,
@@ -72,29 +68,36 @@ def gumbel_st(logits: torch.Tensor, tau: float = 1.0, *, sample: bool = True, no
 
     Args:
         logits: [B, L, 2] scores of the frozen (index 0) and fine-tuned (index 1) copy of each block.
-        tau: softmax temperature of the relaxation, > 0.
+        tau: softmax temperature of the relaxation, a number >= 1 / (the largest float32) ~ 2.9e-39,
+            so that 1 / tau is finite in float32 (the kernels multiply by it).
         sample: add Gumbel noise (training); False takes the argmax (deterministic evaluation).
         noise: optional uniform samples [B, L] (float32, in (0, 1)) used instead of drawing noise,
             for exact comparisons; the logistic noise is log(u / (1 - u)).
         generator: the generator the noise seed is drawn from (default: the global one on logits'
-            device, so torch.manual_seed makes runs reproducible).
+            device, so torch.manual_seed makes runs reproducible). Every backend, "torch" included,
+            draws its uniforms from the Philox stream keyed by that one seed (csrc/philox.h), so a seed
+            gives the same decisions on every backend.
         backend: "auto", "torch", "cpp", "cuda" or "triton" (see spottune_ext.backends).
 
     Returns:
         I [B, L] in logits' dtype, exactly 0.0 or 1.0 (1 = fine-tuned copy). Its gradient is that of
         sigmoid((l1 - l0 + g) / tau), the two-route softmax relaxation (straight-through).
+        Where l1 - l0 is NaN (a NaN logit, or two infinite logits of one sign) the decision is NaN on
+        every backend, with a NaN gradient; route_plan and the routed blocks reject it.
     """
-    _check(logits, tau, noise)
-    backend = backends.resolve("gumbel_st", backend, logits.device)
+    _checks.gumbel_st(logits, noise, None, tau, False)
+    tau = _checks.tau("gumbel_st", tau)
+    if not isinstance(sample, bool):
+        raise TypeError(f"gumbel_st expects sample as a bool, got {type(sample).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"gumbel_st expects generator as a torch.Generator or None, got {type(generator).__name__}")
+    impl = backends.implementation("gumbel_st", backend, logits.device)
     seed = None
-    if sample and noise is None:
-        if backend == "torch":  # plain torch draws its uniforms directly
-            noise = torch.rand(logits.shape[:2], device=logits.device, generator=generator)
-        else:  # the kernels key their own Philox stream with a seed from torch's generator
-            seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=logits.device, generator=generator)
-    return _OPS[backend][0](logits, noise, seed, float(tau), sample)[0]
+    if sample and noise is None:  # every backend keys the Philox stream with a seed from torch's generator
+        seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=logits.device, generator=generator)
+    return impl(logits, noise, seed, tau, sample)[0]
 
 
 def gumbel_st_impl(backend: str):
     """The raw op of a concrete backend: (logits, noise, seed, tau, sample) -> (hard, soft)."""
-    return _OPS[backend][0]
+    return backends.kernel("gumbel_st", backend)

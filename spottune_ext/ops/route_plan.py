@@ -3,16 +3,14 @@ from typing import List, NamedTuple
 
 import torch
 
-from .. import _library, backends, reference
-from ..triton import route_plan as triton_route_plan
+from .. import _checks, _library, backends, reference
 
-_library.define_triton_variant("route_plan", triton_route_plan.route_plan)
 
-_OPS = {
-    "cpp": _library.op("route_plan"),
-    "cuda": _library.op("route_plan"),
-    "triton": _library.op("route_plan_triton"),
-}
+def _load_triton():
+    from ..triton import route_plan as kernels
+    _library.define_triton_variant("route_plan", kernels.route_plan)
+    _library.register_fake(["route_plan_triton"], _fake)
+    return _library.op("route_plan_triton")
 
 
 class RoutePlan(NamedTuple):
@@ -35,16 +33,9 @@ def _fake(decisions, chain):
             decisions.new_empty((L + 1,), dtype=torch.int64))
 
 
-_library.register_fake(["route_plan", "route_plan_triton"], _fake)
-
-
-def _check(decisions: torch.Tensor) -> None:
-    if not isinstance(decisions, torch.Tensor):
-        raise TypeError(f"route_plan expects decisions as a tensor of shape [B, L], got {type(decisions).__name__}")
-    if decisions.dim() != 2:
-        raise ValueError(f"route_plan expects decisions of shape [B, L], got {list(decisions.shape)}")
-    if not decisions.is_floating_point():
-        raise TypeError(f"route_plan expects floating decisions (0.0 or 1.0, as gumbel_st returns), got {decisions.dtype}")
+_library.register_fake(["route_plan"], _fake)
+backends.register("route_plan", {"torch": reference.route_plan, "cpp": _library.op("route_plan"),
+                                 "cuda": _library.op("route_plan")}, {"triton": _load_triton})
 
 
 def route_plan(decisions: torch.Tensor, chain: bool = False, backend: str = "auto") -> RoutePlan:
@@ -61,13 +52,14 @@ def route_plan(decisions: torch.Tensor, chain: bool = False, backend: str = "aut
         RoutePlan(order, dest, counts); counts reach the host in one device-to-host copy.
 
     Raises:
-        ValueError if a decision is neither 0 nor 1.
+        ValueError if a decision is neither 0 nor 1 (NaN included: gumbel_st returns NaN for a NaN
+        logit difference).
     """
-    _check(decisions)
-    impl = backends.resolve("route_plan", backend, decisions.device)
-    plan = reference.route_plan if impl == "torch" else _OPS[impl]
+    _checks.route_plan(decisions)
+    plan = backends.implementation("route_plan", backend, decisions.device)
     order, dest, counts = plan(decisions.detach(), bool(chain))
     counts = counts.tolist()  # the one device-to-host copy of the plan
     if counts[-1]:
-        raise ValueError(f"route_plan: decisions must be exactly 0 or 1, got {counts[-1]} other value(s)")
+        raise ValueError(f"route_plan: decisions must be exactly 0 or 1, got {counts[-1]} other value(s) (NaN "
+                         f"decisions come from NaN policy logits)")
     return RoutePlan(order, dest, counts[:-1])

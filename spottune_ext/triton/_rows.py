@@ -1,4 +1,5 @@
-"""Launch helpers shared by the Triton row kernels (gather_rows, combine_rows)."""
+"""Launch helpers shared by the Triton kernels."""
+import contextlib
 import math
 
 import torch
@@ -20,3 +21,8 @@ def grid(rows: int, size: int):
         raise ValueError(f"samples of {size} elements are too large for the Triton row kernels "
                          f"(at most {MAX_CHUNKS * BLOCK})")
     return rows, chunks
+
+
+def on_device(x: torch.Tensor):
+    """Runs the launches inside on x's GPU (and its current stream), whichever GPU is current."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()

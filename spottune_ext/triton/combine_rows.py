@@ -4,8 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ..reference import row_memory_format
-from ._rows import BLOCK, grid, row_size
+from ._rows import BLOCK, grid, on_device, row_size
 
 
 @triton.jit
@@ -26,6 +27,13 @@ def _combine_rows_kernel(src_ptr, dest_ptr, res_ptr, out_ptr, row_size, HAS_RESI
 
 
 def combine_rows(src0, src1, dest, residual, relu):
+    _checks.combine_rows(src0, src1, dest, residual)
+    with on_device(src0):
+        _checks.permutation("combine_rows", "dest", dest)
+        return _combine_rows(src0, src1, dest, residual, relu)
+
+
+def _combine_rows(src0, src1, dest, residual, relu):
     n0 = src0.shape[0]
     fmt = row_memory_format(src0 if n0 else src1)
     out = torch.empty((n0 + src1.shape[0], *src0.shape[1:]), dtype=src0.dtype, device=src0.device,

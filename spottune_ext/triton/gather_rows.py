@@ -3,8 +3,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ..reference import row_memory_format
-from ._rows import BLOCK, grid, row_size
+from ._rows import BLOCK, grid, on_device, row_size
 
 
 @triton.jit
@@ -22,6 +23,13 @@ def _gather_rows_kernel(x_ptr, index_ptr, mask_ptr, out_ptr, row_size, HAS_MASK:
 
 
 def gather_rows(x, index, mask):
+    _checks.gather_rows(x, index, mask)
+    with on_device(x):
+        _checks.permutation("gather_rows", "index", index)
+        return _gather_rows(x, index, mask)
+
+
+def _gather_rows(x, index, mask):
     fmt = row_memory_format(x)
     x = x.contiguous(memory_format=fmt)
     out = torch.empty_like(x, memory_format=fmt)

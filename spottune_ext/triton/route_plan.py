@@ -3,6 +3,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
+from ._rows import on_device
+
 MAX_BLOCK = 1024
 
 
@@ -51,6 +54,12 @@ def _route_plan_kernel(d_ptr, order_ptr, dest_ptr, counts_ptr, B, L, CHAIN: tl.c
 
 
 def route_plan(decisions, chain):
+    _checks.route_plan(decisions)
+    with on_device(decisions):
+        return _route_plan(decisions, chain)
+
+
+def _route_plan(decisions, chain):
     d = decisions.contiguous()
     B, L = d.shape
     order = torch.empty((L, B), dtype=torch.int64, device=d.device)
