@@ -1,5 +1,6 @@
 """Models: convert a pre-trained backbone into SpotTune (or a baseline strategy), the Visual Decathlon
 ResNet-26, the policy network, global-k losses, export to a plain network, weights and checkpoints."""
+from . import registry  # registers the spottune_<arch> builders with torchvision
 from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import SpotTuneModel, convert, export_global, parameter_counts
 from .global_k import entropy_loss, global_k_loss, global_k_objective, usage_fraction
