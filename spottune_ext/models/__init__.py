@@ -9,6 +9,13 @@ from .resnet26 import DecathlonResNet, ZeroPadShortcut, resnet26
 from .strategies import STRATEGIES, Strategy, get_strategy
 from .weights import MOBILENET_V2_OFFLINE, load_weights, mobilenet_v2_offline_file, read_weights, weights_file
 
+try:
+    import timm  # noqa: F401
+except ImportError:  # timm is optional: without it, convert() and the registries know no timm models
+    pass
+else:
+    from . import timm_models  # noqa: F401  (timm ResNets for convert(); spottune_<arch> in timm's registry)
+
 __all__ = [
     "convert", "export_global", "SpotTuneModel", "parameter_counts",
     "resnet26", "DecathlonResNet", "ZeroPadShortcut", "PolicyNet",

@@ -37,6 +37,11 @@ def set_defaults(**options: Any) -> None:
     _DEFAULTS.update(options)
 
 
+def defaults() -> Dict[str, Any]:
+    """The options set_defaults() set."""
+    return dict(_DEFAULTS)
+
+
 def build(arch: str, *, weights: Optional[Source] = None, num_classes: Optional[int] = None,
           **options: Any) -> SpotTuneModel:
     """torchvision's `arch`, with `weights` loaded when given (a torchvision weights name or enum member, or a
