@@ -115,3 +115,33 @@ def test_no_attachment_without_grad_and_copies_drop_the_graph():
     with torch.no_grad():
         net(x)
     assert net._attached.extra is None and net.extra_loss().grad_fn is None
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    for strategy in STRATEGIES:
+        net = torch.nn.parallel.DistributedDataParallel(_net(strategy))
+        x, y = _batches(world)[rank]
+        torch.manual_seed(100 + rank)
+        F.cross_entropy(net(x), y).backward()  # the unmodified loop
+        grads = {n: p.grad for n, p in net.module.named_parameters() if p.grad is not None}
+        torch.save(grads, f"{out_dir}/{strategy}-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_data_parallel(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2)
+    for strategy in STRATEGIES:
+        # the explicit loop's DDP gradient: the mean over processes of each one's (task + extra) gradient
+        explicit_net = _net(strategy)
+        explicit_net.attach_extra_loss = False
+        per_rank = []
+        for rank, (x, y) in enumerate(_batches(2)):
+            explicit_net.zero_grad(set_to_none=True)
+            torch.manual_seed(100 + rank)
+            _explicit(explicit_net, explicit_net(x), y).backward()
+            per_rank.append({n: p.grad.clone() for n, p in explicit_net.named_parameters() if p.grad is not None})
+        expected = {n: (per_rank[0][n] + per_rank[1][n]) / 2 for n in per_rank[0]}
+        for rank in range(2):
+            _assert_same(torch.load(tmp_path / f"{strategy}-{rank}.pt"), expected)
