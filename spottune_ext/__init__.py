@@ -3,6 +3,7 @@
 Importing the package loads the compiled kernels (spottune_ext._C) and registers every op.
 """
 from . import _ext  # noqa: F401  (must come first: loads the compiled ops)
+from ._ext import build_info
 from . import backends, reference
 from .ops import RoutePlan, combine_rows, gather_rows, gumbel_st, route_plan
 from .routed import RoutedBasicBlock, RoutedBottleneck, RoutedInvertedResidual, run_blocks
@@ -15,7 +16,7 @@ from .models import (MOBILENET_V2_OFFLINE, STRATEGIES, DecathlonResNet, PolicyNe
 from .data import DATASETS, build_datasets
 from .metrics import decathlon_score
 
-__all__ = ["backends", "reference", "gumbel_st", "route_plan", "RoutePlan", "gather_rows", "combine_rows",
+__all__ = ["build_info", "backends", "reference", "gumbel_st", "route_plan", "RoutePlan", "gather_rows", "combine_rows",
            "RoutedBasicBlock", "RoutedBottleneck", "RoutedInvertedResidual", "run_blocks",
            "DATASETS", "build_datasets", "decathlon_score",
            "convert", "export_global", "SpotTuneModel", "parameter_counts", "resnet26", "DecathlonResNet", "PolicyNet",

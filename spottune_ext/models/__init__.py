@@ -1,5 +1,7 @@
 """Models: convert a pre-trained backbone into SpotTune (or a baseline strategy), the Visual Decathlon
 ResNet-26, the policy network, global-k losses, export to a plain network, weights and checkpoints."""
+import importlib.util
+
 from . import registry  # registers the spottune_<arch> builders with torchvision
 from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import SpotTuneModel, convert, export_global, parameter_counts
@@ -9,11 +11,7 @@ from .resnet26 import DecathlonResNet, ZeroPadShortcut, resnet26
 from .strategies import STRATEGIES, Strategy, get_strategy
 from .weights import MOBILENET_V2_OFFLINE, load_weights, mobilenet_v2_offline_file, read_weights, weights_file
 
-try:
-    import timm  # noqa: F401
-except ImportError:  # timm is optional: without it, convert() and the registries know no timm models
-    pass
-else:
+if importlib.util.find_spec("timm") is not None:  # timm is optional
     from . import timm_models  # noqa: F401  (timm ResNets for convert(); spottune_<arch> in timm's registry)
 
 __all__ = [
