@@ -2,6 +2,7 @@
 model.extra_loss(), exactly as the explicit `loss + model.extra_loss()` loop's."""
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -115,6 +116,18 @@ def test_no_attachment_without_grad_and_copies_drop_the_graph():
     with torch.no_grad():
         net(x)
     assert net._attached.extra is None and net.extra_loss().grad_fn is None
+
+
+def test_float16_autocast_warns_when_the_loop_may_scale_the_loss():
+    net = _net("l2sp")
+    x, y = _batches(1)[0]
+    with torch.autocast("cpu", dtype=torch.float16):
+        unmodified, explicit = _task(net, net(x), y), _explicit(net, net(x), y)
+    with pytest.warns(UserWarning, match="GradScaler"):
+        unmodified.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explicit.backward()  # the loop adds extra_loss(): its own scaling applies, nothing to warn about
 
 
 def _ddp_worker(rank, world, init_file, out_dir):

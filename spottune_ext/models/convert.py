@@ -1,6 +1,7 @@
 """convert(): a pre-trained backbone -> a SpotTune model (or a baseline strategy) that drops into a
 training loop; export_global(): a deterministic routed model -> the plain backbone it amounts to."""
 import copy
+import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -40,7 +41,8 @@ class SpotTuneModel(nn.Module):
     that adds model.extra_loss() to its loss trains exactly as before, and one that only logs it
     (.item()) still gets the attached gradient. The loop's scaling of its loss is not visible from the
     logits: a loop that scales its loss without adding extra_loss() needs extra_loss_scale set to that
-    factor (1/N to accumulate over N batches, times a GradScaler's scale). Under
+    factor (1/N to accumulate over N batches, times a GradScaler's scale; such a backward under
+    float16 autocast warns). Under
     DistributedDataParallel each process attaches the terms of its own batch, as an explicit loop
     adds them. attach_extra_loss=False: extra_loss() is computed on each call and must be added.
     """
@@ -157,11 +159,18 @@ class _AttachExtraLoss(torch.autograd.Function):
     def forward(ctx, logits, extra, scale):
         ctx.set_materialize_grads(False)  # an unused copy gets None, not zeros
         ctx.scale, ctx.extra_like = scale, (extra.shape, extra.dtype, extra.device)
+        device = logits.device.type
+        ctx.fp16_autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
         return logits.view_as(logits), extra.clone()
 
     @staticmethod
     def backward(ctx, grad_logits, grad_extra):
         if grad_extra is None:
+            if ctx.fp16_autocast:
+                warnings.warn("the strategy's extra loss terms got gradient weight extra_loss_scale "
+                              f"({ctx.scale:g}); under float16 autocast a GradScaler usually scales the loss, and "
+                              "not them: add model.extra_loss() to the loss (its scaling then applies to them) "
+                              "or set model.extra_loss_scale to the scaler's scale")
             shape, dtype, device = ctx.extra_like
             grad_extra = torch.full(shape, ctx.scale, dtype=dtype, device=device)
         return grad_logits, grad_extra, None
