@@ -93,6 +93,19 @@ def test_gradient_accumulation(strategy):
     _assert_same(_grads(net, batches, lambda n, out, y: _task(n, out, y) / 3), expected)
 
 
+def test_compiled_model():
+    net = _net("l2sp")
+    explicit_net = copy.deepcopy(net)
+    explicit_net.attach_extra_loss = False
+    expected = _grads(explicit_net, _batches(1), _explicit)
+    compiled = torch.compile(net, backend="aot_eager")
+    x, y = _batches(1)[0]
+    for loss_fn in (_task, _explicit):
+        net.zero_grad(set_to_none=True)
+        loss_fn(net, compiled(x), y).backward()
+        _assert_same({n: p.grad for n, p in net.named_parameters() if p.grad is not None}, expected)
+
+
 def test_logging_only_keeps_the_attached_gradient():
     net = _net("global_k")
     explicit_net = copy.deepcopy(net)

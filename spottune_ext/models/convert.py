@@ -36,7 +36,7 @@ class SpotTuneModel(nn.Module):
     autograd graph, so that loss.backward() on the task loss alone also gives their parameters the
     gradient of extra_loss_scale * (extra terms). One rule makes explicit use count once: extra_loss()
     returns the terms of the last forward as an output of that same attachment, and a backward in
-    which that output takes part gives the terms the gradient the loop's loss gives it (with the
+    which that output takes part (with a nonzero gradient) gives the terms the gradient the loop's loss gives it (with the
     loop's own scaling: gradient accumulation, a GradScaler) instead of extra_loss_scale. So a loop
     that adds model.extra_loss() to its loss trains exactly as before, and one that only logs it
     (.item()) still gets the attached gradient. The loop's scaling of its loss is not visible from the
@@ -152,8 +152,8 @@ class SpotTuneModel(nn.Module):
 
 class _AttachExtraLoss(torch.autograd.Function):
     """(logits, extra) -> (logits, a copy of extra). The backward gives `extra` the gradient its copy
-    got when the loss used the copy, else `scale` (as if scale * extra had been added to the loss, the
-    way Megatron's MoE aux-loss auto-scaler attaches its load-balancing loss)."""
+    got when the loss used the copy (a nonzero one), else `scale` (as if scale * extra had been added to
+    the loss, the way Megatron's MoE aux-loss auto-scaler attaches its load-balancing loss)."""
 
     @staticmethod
     def forward(ctx, logits, extra, scale):
@@ -165,15 +165,16 @@ class _AttachExtraLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logits, grad_extra):
-        if grad_extra is None:
+        shape, dtype, device = ctx.extra_like
+        if grad_extra is None:  # the loss did not use the copy
             if ctx.fp16_autocast:
                 warnings.warn("the strategy's extra loss terms got gradient weight extra_loss_scale "
                               f"({ctx.scale:g}); under float16 autocast a GradScaler usually scales the loss, and "
                               "not them: add model.extra_loss() to the loss (its scaling then applies to them) "
                               "or set model.extra_loss_scale to the scaler's scale")
-            shape, dtype, device = ctx.extra_like
-            grad_extra = torch.full(shape, ctx.scale, dtype=dtype, device=device)
-        return grad_logits, grad_extra, None
+            return grad_logits, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+        # torch.compile gives an unused output a zero gradient instead of None: a zero counts as unused
+        return grad_logits, torch.where(grad_extra != 0, grad_extra, ctx.scale), None
 
 
 class _Attached:
