@@ -36,15 +36,15 @@ class SpotTuneModel(nn.Module):
     autograd graph, so that loss.backward() on the task loss alone also gives their parameters the
     gradient of extra_loss_scale * (extra terms). One rule makes explicit use count once: extra_loss()
     returns the terms of the last forward as an output of that same attachment, and a backward in
-    which that output takes part (with a nonzero gradient) gives the terms the gradient the loop's loss gives it (with the
-    loop's own scaling: gradient accumulation, a GradScaler) instead of extra_loss_scale. So a loop
-    that adds model.extra_loss() to its loss trains exactly as before, and one that only logs it
-    (.item()) still gets the attached gradient. The loop's scaling of its loss is not visible from the
-    logits: a loop that scales its loss without adding extra_loss() needs extra_loss_scale set to that
-    factor (1/N to accumulate over N batches, times a GradScaler's scale; such a backward under
-    float16 autocast warns). Under
-    DistributedDataParallel each process attaches the terms of its own batch, as an explicit loop
-    adds them. attach_extra_loss=False: extra_loss() is computed on each call and must be added.
+    which that output takes part (with a nonzero gradient) gives the terms the gradient the loop's
+    loss gives it (with the loop's own scaling: gradient accumulation, a GradScaler) instead of
+    extra_loss_scale. So a loop that adds model.extra_loss() to its loss trains exactly as before, and
+    one that only logs it (.item()) still gets the attached gradient. The loop's scaling of its loss
+    is not visible from the logits: a loop that scales its loss without adding extra_loss() needs
+    extra_loss_scale set to that factor (1/N to accumulate over N batches, times a GradScaler's
+    scale; such a backward under float16 autocast warns). Under DistributedDataParallel each process
+    attaches the terms of its own batch, as an explicit loop adds them. attach_extra_loss=False:
+    extra_loss() is computed on each call and must be added.
     """
 
     def __init__(self, backbone: nn.Module, family: families.Family, block_names: List[str], adaptive: List[int],
