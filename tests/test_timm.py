@@ -11,10 +11,12 @@ if importlib.util.find_spec("timm") is None:  # skipped only where timm is absen
     pytest.skip("timm is not installed", allow_module_level=True)
 import timm  # noqa: E402
 from timm.layers import BatchNormAct2d, BlurPool2d  # noqa: E402
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual  # noqa: E402
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: E402
 
 import spottune_ext as st  # noqa: E402
-from spottune_ext.models.timm_models import RoutedTimmBasicBlock, RoutedTimmBottleneck  # noqa: E402
+from spottune_ext.models.timm_models import (RoutedTimmBasicBlock, RoutedTimmBottleneck,  # noqa: E402
+                                             RoutedTimmDepthwiseSeparable, RoutedTimmInvertedResidual)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,17 +31,27 @@ def tiny(block=BasicBlock, layers=(2, 1, 1, 1), **kwargs):
     return ResNet(block, layers, num_classes=5, channels=(8, 16, 32, 64), stem_width=8, **kwargs)
 
 
-# name: (model kwargs, block path); every shortcut kind and every per-image extra a timm block has
+def mobilenet(**kwargs):
+    return timm.create_model("mobilenetv2_050", num_classes=5, **kwargs)
+
+
+# name: (model factory, block path); every shortcut kind and every per-image extra a timm block has
 VARIANTS = {
-    "basic": ({}, "layer1.1"),
-    "basic_down": ({}, "layer2.0"),
-    "basic_se_blur": ({"block_args": {"attn_layer": "se"}, "aa_layer": BlurPool2d}, "layer2.0"),
-    "bottleneck": ({"block": Bottleneck}, "layer1.1"),
-    "bottleneck_down_avg": ({"block": Bottleneck, "avg_down": True, "stem_type": "deep"}, "layer2.0"),
-    "bottleneck_eca_aa": ({"block": Bottleneck, "block_args": {"attn_layer": "eca"}, "aa_layer": nn.AvgPool2d},
+    "basic": (tiny, "layer1.1"),
+    "basic_down": (tiny, "layer2.0"),
+    "basic_se_blur": (lambda: tiny(block_args={"attn_layer": "se"}, aa_layer=BlurPool2d), "layer2.0"),
+    "bottleneck": (lambda: tiny(Bottleneck), "layer1.1"),
+    "bottleneck_down_avg": (lambda: tiny(Bottleneck, avg_down=True, stem_type="deep"), "layer2.0"),
+    "bottleneck_eca_aa": (lambda: tiny(Bottleneck, block_args={"attn_layer": "eca"}, aa_layer=nn.AvgPool2d),
                           "layer3.0"),
-    "bottleneck_drop_path": ({"block": Bottleneck, "drop_path_rate": 0.2, "drop_block_rate": 0.1}, "layer4.0"),
+    "bottleneck_drop_path": (lambda: tiny(Bottleneck, drop_path_rate=0.2, drop_block_rate=0.1), "layer4.0"),
+    "depthwise_separable": (mobilenet, "blocks.0.0"),
+    "inverted_residual_down": (mobilenet, "blocks.1.0"),
+    "inverted_residual": (lambda: mobilenet(drop_path_rate=0.2), "blocks.1.1"),
+    "inverted_residual_se_silu": (lambda: timm.create_model("efficientnet_b0", num_classes=5), "blocks.2.1"),
 }
+ROUTED = {BasicBlock: RoutedTimmBasicBlock, Bottleneck: RoutedTimmBottleneck, InvertedResidual: RoutedTimmInvertedResidual,
+          DepthwiseSeparableConv: RoutedTimmDepthwiseSeparable}
 
 
 def _randomize(module, scale=0.2):
@@ -55,10 +67,10 @@ def _randomize(module, scale=0.2):
 
 def _block(name, dtype=torch.float32):
     torch.manual_seed(0)
-    kwargs, path = VARIANTS[name]
-    block = _randomize(tiny(**kwargs).get_submodule(path)).to(dtype).eval()
+    factory, path = VARIANTS[name]
+    block = _randomize(factory().get_submodule(path)).to(dtype).eval()
     original = copy.deepcopy(block)
-    routed = (RoutedTimmBottleneck if isinstance(block, Bottleneck) else RoutedTimmBasicBlock)(block)
+    routed = ROUTED[type(block)](block)
     with torch.no_grad():
         for p in routed.tuned.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -66,7 +78,7 @@ def _block(name, dtype=torch.float32):
 
 
 def _input(block, batch, dtype=torch.float32):
-    conv = block.frozen.conv1
+    conv = next(m for m in block.frozen.modules() if isinstance(m, nn.Conv2d))
     return torch.randn(batch, conv.in_channels, 8, 8, dtype=dtype)
 
 
@@ -91,6 +103,17 @@ def test_each_image_gets_its_chosen_copy(name):
     torch.testing.assert_close(routed(x, d), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["basic_down", "depthwise_separable", "inverted_residual_down"])
+def test_train_mode_batchnorm_over_the_sub_batch(name):
+    routed, _ = _block(name)
+    routed.train()
+    tuned = copy.deepcopy(routed.tuned).train()  # the fine-tuned copy run by itself on the whole batch
+    x = _input(routed, 6)
+    torch.testing.assert_close(routed(x, torch.ones(6)), tuned(x))
+    for a, b in zip(routed.tuned.buffers(), tuned.buffers()):  # running statistics updated alike
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_gradients_match_dense(name):
     routed, _ = _block(name, torch.float64)
@@ -108,16 +131,21 @@ def test_gradients_match_dense(name):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_converted_timm_model():
+@pytest.mark.parametrize("name,blocks", [("resnet", 5), ("mobilenet", 17)])
+def test_converted_timm_model(name, blocks):
     torch.manual_seed(0)
-    backbone = _randomize(tiny(Bottleneck, drop_rate=0.2, drop_path_rate=0.1, block_args={"attn_layer": "se"})).eval()
+    if name == "resnet":
+        backbone = tiny(Bottleneck, drop_rate=0.2, drop_path_rate=0.1, block_args={"attn_layer": "se"})
+    else:
+        backbone = mobilenet(drop_rate=0.2, drop_path_rate=0.1)
+    backbone = _randomize(backbone).eval()
     net = st.convert(backbone, policy={"widths": (8, 16), "stem_width": 8})
-    assert net.num_routed == 5 and type(net.backbone.layer2[0]) is RoutedTimmBottleneck
+    assert net.num_routed == blocks
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(net(x, torch.zeros(3, 5)), backbone(x))
+        assert torch.equal(net(x, torch.zeros(3, blocks)), backbone(x))
         tuned = st.export_global(net.train(), [x], threshold=0.0)  # every block's fine-tuned copy
-        torch.testing.assert_close(net.eval()(x, torch.ones(3, 5)), tuned.eval()(x))
+        torch.testing.assert_close(net.eval()(x, torch.ones(3, blocks)), tuned.eval()(x))
     net.train()  # drop-path, head dropout and the policy's sampling in a training step
     torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 2])).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.policy.parameters())
@@ -126,14 +154,18 @@ def test_converted_timm_model():
 def test_unsupported_timm_blocks_say_why():
     with pytest.raises(TypeError, match="act2 is a SiLU, not ReLU"):
         st.convert(tiny(act_layer=nn.SiLU))
-    with pytest.raises(TypeError, match="bn1 is a BatchNormAct2d"):
+    with pytest.raises(TypeError, match="bn1 is a SyncBatchNorm"):
+        st.convert(tiny(norm_layer=nn.SyncBatchNorm))
+    with pytest.raises(TypeError, match="downsample.1 is a BatchNormAct2d"):
         st.convert(tiny(norm_layer=BatchNormAct2d))
-    with pytest.raises(TypeError, match="supported models: .*timm ResNet"):
-        st.convert(timm.create_model("mobilenetv2_050"))
+    with pytest.raises(TypeError, match="ConvBnAct; convert.. routes timm EfficientNets"):
+        st.convert(timm.create_model("efficientnetv2_rw_t"))
+    with pytest.raises(TypeError, match="supported models: .*timm EfficientNet"):
+        st.convert(timm.create_model("vit_tiny_patch16_224"))
 
 
 def test_timm_registry_and_checkpoint(tmp_path):
-    assert "spottune_resnet50" in timm.list_models("spottune_*")
+    assert {"spottune_resnet50", "spottune_mobilenetv2_100"} <= set(timm.list_models("spottune_*"))
     net = timm.create_model("spottune_resnet18", num_classes=3, drop_path_rate=0.1, strategy="l2sp", alpha=0.5)
     assert net.strategy.alpha == 0.5 and net.pretrained_cfg["architecture"] == "resnet18"
     assert net.backbone.layer4[1].drop_path.drop_prob == pytest.approx(0.1)
