@@ -164,13 +164,23 @@ def test_unsupported_timm_blocks_say_why():
         st.convert(timm.create_model("vit_tiny_patch16_224"))
 
 
-def test_timm_registry_and_checkpoint(tmp_path):
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_050"])
+def test_timm_registry_and_checkpoint(tmp_path, arch):
     assert {"spottune_resnet50", "spottune_mobilenetv2_100"} <= set(timm.list_models("spottune_*"))
-    net = timm.create_model("spottune_resnet18", num_classes=3, drop_path_rate=0.1, strategy="l2sp", alpha=0.5)
-    assert net.strategy.alpha == 0.5 and net.pretrained_cfg["architecture"] == "resnet18"
-    assert net.backbone.layer4[1].drop_path.drop_prob == pytest.approx(0.1)
+    net = timm.create_model(f"spottune_{arch}", num_classes=3, drop_path_rate=0.1, strategy="l2sp", alpha=0.5)
+    assert net.strategy.alpha == 0.5 and net.pretrained_cfg["architecture"] == arch
+    assert 0 < max(m.drop_prob for m in net.modules() if type(m).__name__ == "DropPath") <= 0.1  # timm ramps it
     st.save_checkpoint(net, tmp_path / "net.pt")
     loaded, _ = st.load_checkpoint(tmp_path / "net.pt")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), net.eval()(x))
+
+
+def test_launcher_defaults_reach_timm_names():
+    st.models.registry.set_defaults(strategy="global_k", k=1)
+    try:
+        net = timm.create_model("spottune_resnet18", num_classes=3, lambda2=0.5)
+    finally:
+        st.models.registry.set_defaults()
+    assert net.strategy.options() == {"k": 1, "lambda1": 1.0, "lambda2": 0.5}
