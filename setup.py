@@ -23,7 +23,7 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-GENERATED = os.path.join("build", "generated")  # relative: setuptools wants paths inside the project
+GENERATED = os.path.join(ROOT, "build", "generated")  # the generated header: under build/, never in the sources
 
 
 def nvcc_version(cuda_home):
@@ -111,11 +111,11 @@ def make_extension():
         define_macros.append(("WITH_CUDA", None))
         ext_cls = cpp_extension.CUDAExtension
         extra = {"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]}
-        include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, GENERATED)] + nvidia_include_dirs()
+        include_dirs = [os.path.join(ROOT, "csrc"), GENERATED] + nvidia_include_dirs()
     else:
         ext_cls = cpp_extension.CppExtension
         extra = {"cxx": cxx_flags}
-        include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, GENERATED)]
+        include_dirs = [os.path.join(ROOT, "csrc"), GENERATED]
     print(f"spottune_ext build: torch {torch.__version__}, torch CUDA {torch.version.cuda}, CUDA kernels "
           + (f"on (nvcc {nvcc} at {cpp_extension.CUDA_HOME}, arch {os.environ.get('TORCH_CUDA_ARCH_LIST')})"
              if with_cuda else f"off: {why_not}"))

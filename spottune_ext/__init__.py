@@ -16,11 +16,11 @@ from .models import (MOBILENET_V2_OFFLINE, STRATEGIES, DecathlonResNet, PolicyNe
 from .data import DATASETS, build_datasets
 from .metrics import decathlon_score
 
-__all__ = ["build_info", "backends", "reference", "gumbel_st", "route_plan", "RoutePlan", "gather_rows", "combine_rows",
+__all__ = ["backends", "reference", "gumbel_st", "route_plan", "RoutePlan", "gather_rows", "combine_rows",
            "RoutedBasicBlock", "RoutedBottleneck", "RoutedInvertedResidual", "run_blocks",
            "DATASETS", "build_datasets", "decathlon_score",
            "convert", "export_global", "SpotTuneModel", "parameter_counts", "resnet26", "DecathlonResNet", "PolicyNet",
            "usage_fraction", "global_k_loss", "entropy_loss", "global_k_objective", "STRATEGIES", "Strategy",
            "get_strategy", "save_checkpoint", "load_checkpoint", "load_weights", "read_weights", "weights_file",
            "mobilenet_v2_offline_file", "MOBILENET_V2_OFFLINE",
-           "DATASETS", "build_datasets", "decathlon_score"]
+           "DATASETS", "build_datasets", "decathlon_score", "build_info"]
