@@ -58,7 +58,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     import spottune_ext  # registers the builders (torchvision, and timm when it is installed)
     spottune_ext.models.registry.set_defaults(**defaults(args))
     sys.argv = [args.script, *args.args]
-    sys.path[0] = os.path.dirname(os.path.abspath(args.script))
+    # the script's folder first, as `python SCRIPT.py` has it; the launcher's own entry stays, so that
+    # processes the script spawns still find spottune_ext where it was found
+    sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
     runpy.run_path(args.script, run_name="__main__")
 
 
