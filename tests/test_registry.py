@@ -58,9 +58,9 @@ def test_weights_by_name_are_never_downloaded(tmp_path, monkeypatch):
 
 
 def test_defaults_and_explicit_arguments():
-    registry.set_defaults(strategy="l2sp", alpha=0.5)
+    registry.set_defaults(strategy="l2sp", alpha=0.5, extra_loss_scale=0.25)
     model = torchvision.models.get_model("spottune_resnet18", num_classes=2)
-    assert model.strategy.name == "l2sp" and model.strategy.alpha == 0.5
+    assert model.strategy.name == "l2sp" and model.strategy.alpha == 0.5 and model.extra_loss_scale == 0.25
     assert torchvision.models.get_model("spottune_resnet18", alpha=0.25).strategy.alpha == 0.25
 
 

@@ -194,7 +194,8 @@ class _Attached:
 def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[None, Dict, PolicyNet] = None,
             adaptive_blocks: AdaptiveBlocks = None, strategy: Union[str, Strategy] = "spottune",
             tau: Optional[float] = None, *, execution: str = "grouped", backend: str = "auto",
-            frozen_bn: str = "eval", **strategy_options) -> SpotTuneModel:
+            frozen_bn: str = "eval", attach_extra_loss: bool = True, extra_loss_scale: float = 1.0,
+            **strategy_options) -> SpotTuneModel:
     """Turns a pre-trained backbone into a SpotTune model (or one of the baseline strategies).
 
     The input model is not modified: convert() works on a copy. Every adaptive block gets the mode
@@ -220,6 +221,9 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
         frozen_bn: "eval" (default): everything frozen is truly frozen, BatchNorm layers included (eval
             mode, running statistics never updated). "train": the authors' choice, only conv weights
             are frozen: every BatchNorm layer follows model.train() and its affine parameters train.
+        attach_extra_loss, extra_loss_scale: the model's attributes of these names (see SpotTuneModel):
+            whether the strategy's extra loss terms reach the gradients through the logits, and their
+            gradient weight when the loss does not use model.extra_loss().
 
     Returns:
         a SpotTuneModel: forward(x) -> logits; last_policy, block_usage(), extra_loss().
@@ -286,6 +290,7 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
     converted = SpotTuneModel(backbone, family, names, adaptive, modes, strategy, policy_net, routed_options,
                               description)
     reference = next(backbone.parameters())  # the policy and statistics join the backbone's device and dtype
+    converted.attach_extra_loss, converted.extra_loss_scale = bool(attach_extra_loss), float(extra_loss_scale)
     return converted.to(device=reference.device, dtype=reference.dtype).train(model.training)
 
 
