@@ -106,6 +106,15 @@ def test_compiled_model():
         _assert_same({n: p.grad for n, p in net.named_parameters() if p.grad is not None}, expected)
 
 
+def test_logits_can_be_modified_in_place():
+    net = _net("l2sp")
+    explicit_net = copy.deepcopy(net)
+    explicit_net.attach_extra_loss = False
+    batches = _batches(1)
+    expected = _grads(explicit_net, batches, lambda n, out, y: _explicit(n, out.div_(2), y))
+    _assert_same(_grads(net, batches, lambda n, out, y: _task(n, out.div_(2), y)), expected)
+
+
 def test_logging_only_keeps_the_attached_gradient():
     net = _net("global_k")
     explicit_net = copy.deepcopy(net)

@@ -161,7 +161,7 @@ class _AttachExtraLoss(torch.autograd.Function):
         ctx.scale, ctx.extra_like = scale, (extra.shape, extra.dtype, extra.device)
         device = logits.device.type
         ctx.fp16_autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
-        return logits.view_as(logits), extra.clone()
+        return logits.clone(), extra.clone()  # copies, not views: loops may modify the logits in place
 
     @staticmethod
     def backward(ctx, grad_logits, grad_extra):
