@@ -4,7 +4,13 @@ Environment switches:
   FORCE_CUDA=1   build the CUDA kernels (fail if no matching toolkit is found)
   FORCE_CUDA=0   never build them
   (unset)        build them when a CUDA toolkit whose major version matches torch's is found
+  CUDA_HOME      the toolkit root; unset, torch's guess (from nvcc on PATH) and /usr/local/cuda are tried
   TORCH_CUDA_ARCH_LIST  target architectures; defaults to "8.0;9.0" when no GPU is visible
+
+Building writes only under build/ and, with build_ext --inplace (or pip install -e), the extension
+itself: the build facts (torch and CUDA versions, whether the CUDA kernels are in) are compiled into
+the extension from a header generated in build/. PyTorch extensions build against the installed
+torch, so pip needs --no-build-isolation.
 """
 import glob
 import os
@@ -17,39 +23,61 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+GENERATED = os.path.join(ROOT, "build", "generated")  # the generated header: under build/, never in the sources
 
 
 def nvcc_version(cuda_home):
+    """(nvcc version, None) for a usable toolkit root, else (None, why not)."""
+    if not cuda_home:
+        return None, "no CUDA toolkit found (set CUDA_HOME to its root)"
     # A toolkit is usable only with its headers: CUDA_HOME must be the toolkit root, not the
     # folder of an nvcc wrapper script.
-    if not cuda_home or not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime.h")):
-        return None
+    if not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime.h")):
+        return None, (f"{cuda_home} is not a CUDA toolkit root (no include/cuda_runtime.h; an nvcc wrapper's "
+                      f"folder?); set CUDA_HOME to the toolkit root")
     nvcc = os.path.join(cuda_home, "bin", "nvcc")
     try:
         out = subprocess.check_output([nvcc, "--version"], text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    except (OSError, subprocess.CalledProcessError) as err:
+        return None, f"{nvcc} does not run ({err})"
     m = re.search(r"release (\d+)\.(\d+)", out)
-    return f"{m.group(1)}.{m.group(2)}" if m else None
+    return (f"{m.group(1)}.{m.group(2)}", None) if m else (None, f"{nvcc} --version gives no release")
+
+
+def find_toolkit():
+    """(root, nvcc version, why not) of the CUDA toolkit to build with. An explicit CUDA_HOME is the
+    only candidate; otherwise torch's guess (the parent of the folder of nvcc on PATH), then
+    /usr/local/cuda, so that an nvcc wrapper on PATH does not hide the toolkit."""
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [explicit] if explicit else [cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    reasons = []
+    for root in dict.fromkeys(candidates):
+        found, why = nvcc_version(root)
+        if found:
+            return root, found, None
+        reasons.append(why)
+    return None, None, "; ".join(reasons)
 
 
 def want_cuda():
+    """(build the CUDA kernels?, nvcc version, why they are off)."""
     force = os.environ.get("FORCE_CUDA")
-    cuda_home = cpp_extension.CUDA_HOME
-    found = nvcc_version(cuda_home)
     torch_cuda = torch.version.cuda
-    matches = bool(found and torch_cuda and found.split(".")[0] == torch_cuda.split(".")[0])
     if force == "0":
-        return False, found
-    if force == "1":
-        if not torch_cuda:
+        return False, None, "FORCE_CUDA=0"
+    if not torch_cuda:
+        if force == "1":
             raise RuntimeError("FORCE_CUDA=1 but this torch has no CUDA support (torch.version.cuda is None)")
-        if not matches:
-            raise RuntimeError(
-                f"FORCE_CUDA=1 but no CUDA toolkit matching torch's CUDA {torch_cuda} was found at "
-                f"CUDA_HOME={cuda_home} (nvcc {found}); set CUDA_HOME to the root of a matching toolkit")
-        return True, found
-    return matches, found
+        return False, None, "this torch has no CUDA support"
+    root, found, why = find_toolkit()
+    if found and found.split(".")[0] != torch_cuda.split(".")[0]:
+        why = f"the toolkit at {root} has nvcc {found}, torch was built with CUDA {torch_cuda}"
+    if why:
+        if force == "1":
+            raise RuntimeError(f"FORCE_CUDA=1 but no CUDA toolkit matching torch's CUDA {torch_cuda} is usable: {why}")
+        return False, found, why
+    cpp_extension.CUDA_HOME = root  # where torch's build helpers look for nvcc and the CUDA headers
+    return True, found, None
 
 
 def nvidia_include_dirs():
@@ -59,17 +87,20 @@ def nvidia_include_dirs():
     return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
 
 
-def write_build_info(with_cuda, nvcc):
-    path = os.path.join(ROOT, "spottune_ext", "_build_info.py")
-    with open(path, "w") as f:
-        f.write("# Written by setup.py: what the compiled extension was built against.\n")
-        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
-        f.write(f"CUDA_VERSION = {(torch.version.cuda if with_cuda else None)!r}\n")
-        f.write(f"WITH_CUDA = {with_cuda!r}\n")
+def write_build_info(with_cuda):
+    """The header python_module.cpp compiles into the extension (rewritten only when it changes)."""
+    text = ("// Generated by setup.py: what the extension is built against.\n"
+            f"#define SPOTTUNE_TORCH_VERSION \"{torch.__version__}\"\n"
+            f"#define SPOTTUNE_CUDA_VERSION \"{torch.version.cuda if with_cuda else ''}\"\n")
+    path = os.path.join(GENERATED, "spottune_build_info.h")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
 
 
 def make_extension():
-    with_cuda, nvcc = want_cuda()
+    with_cuda, nvcc, why_not = want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []
@@ -80,15 +111,15 @@ def make_extension():
         define_macros.append(("WITH_CUDA", None))
         ext_cls = cpp_extension.CUDAExtension
         extra = {"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]}
-        include_dirs = [os.path.join(ROOT, "csrc")] + nvidia_include_dirs()
+        include_dirs = [os.path.join(ROOT, "csrc"), GENERATED] + nvidia_include_dirs()
     else:
         ext_cls = cpp_extension.CppExtension
         extra = {"cxx": cxx_flags}
-        include_dirs = [os.path.join(ROOT, "csrc")]
-    print(f"spottune_ext build: torch {torch.__version__}, torch CUDA {torch.version.cuda}, "
-          f"nvcc {nvcc} at {cpp_extension.CUDA_HOME}, CUDA kernels {'on' if with_cuda else 'off'}"
-          + (f", arch {os.environ.get('TORCH_CUDA_ARCH_LIST')}" if with_cuda else ""))
-    write_build_info(with_cuda, nvcc)
+        include_dirs = [os.path.join(ROOT, "csrc"), GENERATED]
+    print(f"spottune_ext build: torch {torch.__version__}, torch CUDA {torch.version.cuda}, CUDA kernels "
+          + (f"on (nvcc {nvcc} at {cpp_extension.CUDA_HOME}, arch {os.environ.get('TORCH_CUDA_ARCH_LIST')})"
+             if with_cuda else f"off: {why_not}"))
+    write_build_info(with_cuda)
     return ext_cls(
         "spottune_ext._C",
         sources,
@@ -109,7 +140,9 @@ setup(
     entry_points={"console_scripts": ["spottune-train = spottune_ext.train:main"]},
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
     python_requires=">=3.9",
-    install_requires=["torch>=2.11"],
+    install_requires=["torch>=2.11", "torchvision>=0.26", "numpy", "pillow", "matplotlib"],
+    extras_require={"timm": ["timm>=1.0"], "data": ["scikit-learn", "tqdm"]},
+    # egg-info goes to build/ too: the source tree stays as it is
+    options={"bdist_wheel": {"py_limited_api": "cp39"}, "egg_info": {"egg_base": "build"}},
 )

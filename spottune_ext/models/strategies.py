@@ -34,6 +34,7 @@ class Strategy:
     uses_policy = False    # a learned policy network decides the routed blocks
     train_stem = False     # the layers outside the blocks (stem, last conv, final BN) train too
     exports_plain = False  # deployed as the plain backbone export_global() makes
+    has_extra_loss = False  # extra_loss() is not always 0 (the model attaches it to its logits)
 
     def options(self) -> Dict:
         """The options that rebuild this strategy (stored in checkpoints)."""
@@ -94,6 +95,7 @@ class GlobalK(SpotTune):
     """Defaults: k = 3 as in the paper's experiments; the paper gives no lambda values."""
     name = "global_k"
     exports_plain = True
+    has_extra_loss = True
 
     def __init__(self, k: float = 3, lambda1: float = 1.0, lambda2: float = 1.0) -> None:
         if k < 0:
@@ -195,6 +197,7 @@ class L2SP(Strategy):
     parameters + beta/2 ||w||^2 over the classifier. Use it without weight decay on the backbone."""
     name = "l2sp"
     train_stem = True
+    has_extra_loss = True
 
     def __init__(self, alpha: float = 0.01, beta: float = 0.01) -> None:
         if alpha < 0 or beta < 0:
