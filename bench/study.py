@@ -74,15 +74,11 @@ VARIANTS = {  # name: (strategy, trainer arguments changed from the study's)
     "spottune": ("spottune", []),
     "finetune": ("finetune", []),
     "feature_extractor": ("feature_extractor", []),
-    "spottune+bn-running": ("spottune", ["--bn-stats", "running"]),
-    "spottune+dense": ("spottune", ["--execution", "dense"]),
-    "spottune+frozen-bn-train": ("spottune", ["--frozen-bn", "train"]),
-    "spottune+frozen-bn-train+dense": ("spottune", ["--frozen-bn", "train", "--execution", "dense"]),
     "spottune+init-tuned-0.9": ("spottune", ["--policy-init-tuned", "0.9"]),
+    "spottune+init-tuned-0.9+tau1": ("spottune", ["--policy-init-tuned", "0.9", "--tau", "1"]),
     "spottune+tau1": ("spottune", ["--tau", "1"]),
-    "spottune+policy-lr-0.1": ("spottune", ["--policy-lr", "0.1"]),
-    "spottune+eval-sample": ("spottune", ["--eval-sample"]),
-    "spottune+paper-policy": ("spottune", ["--policy-widths", "64", "128", "256", "512", "--policy-stem-width", "32"]),
+    "spottune+bn-running": ("spottune", ["--bn-stats", "running"]),
+    "spottune+frozen-bn-train+dense": ("spottune", ["--frozen-bn", "train", "--execution", "dense"]),
 }
 
 # A handful of images and one epoch: checks the plumbing (`make test`), not the numbers.
