@@ -19,8 +19,8 @@ Execution (``execution``, settable at any time):
   chosen copy (the other copy's coefficient is exactly 0). The decision gets the gradient
   <g, F^(x) - F(x)> per image, g being the gradient arriving at the block's output; it needs the
   other copy's output for each image, which is computed in the backward pass under no_grad (no
-  activations kept, no backward through it, no extra memory between forward and backward), and
-  only when the decision requires grad. When grad mode is on, a copy that no image chose still runs
+  activations kept, no backward through it, no extra memory between forward and backward) and
+  under the forward's autocast state, and only when the decision requires grad. When grad mode is on, a copy that no image chose still runs
   on its empty sub-batch, so its trainable parameters get a (zero) gradient and
   DistributedDataParallel needs no find_unused_parameters.
 * ``"dense"``: the authors' masked execution, y = I * F^(x) + (1 - I) * F(x), both copies on the
@@ -114,6 +114,10 @@ class _DecisionGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, decision, x_perm, order, dest, block, n_frozen):
         ctx.block, ctx.n_frozen = block, n_frozen
+        # The backward pass runs outside any autocast region: the other copy must be recomputed
+        # under the forward's autocast state to see the dtypes the forward saw.
+        device_type = x_perm.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.save_for_backward(out, x_perm, order, dest)
         return out.view_as(out)
 
@@ -121,7 +125,9 @@ class _DecisionGradient(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         out, x_perm, order, dest = ctx.saved_tensors  # (once_differentiable: this runs under no_grad)
-        other = ctx.block._routes(x_perm, ctx.n_frozen, dest, swap=True, update_stats=False, keep_empty=False)
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            other = ctx.block._routes(x_perm, ctx.n_frozen, dest, swap=True, update_stats=False, keep_empty=False)
         other = other.to(torch.promote_types(grad.dtype, torch.float32))  # accumulate in fp32 or fp64
         diff = torch.sub(out.to(other.dtype), other, out=other)  # y - other, over other's buffer
         dots = diff.mul_(grad).sum(dim=tuple(range(1, grad.dim())))
@@ -229,12 +235,17 @@ class RoutedBlock(nn.Module):
                       for c, part in zip(copies, parts))
         out0 = out1[:0] if out0 is None else out0
         out1 = out0[:0] if out1 is None else out1
-        residual = x_perm if self._identity_shortcut else None
+        # Under autocast the copies' outputs can be of a lower precision than their input: the
+        # identity shortcut is added in the outputs' dtype, as torchvision's in-place add does.
+        residual = x_perm.to(out0.dtype) if self._identity_shortcut else None
         return combine_rows(out0, out1, dest, residual, self.final_relu, backend=self.backend)
 
     def _dense(self, x: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
-        mask = decision.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return mask * self._block(self.tuned, x, True) + (1 - mask) * self._block(self.frozen, x, True)
+        tuned, frozen = self._block(self.tuned, x, True), self._block(self.frozen, x, True)
+        # Mixed at the decision's precision at least (the decision's gradient is a difference of two
+        # sums), returned in the copies' dtype, which autocast may have lowered.
+        mask = decision.to(torch.promote_types(tuned.dtype, decision.dtype)).view(-1, *([1] * (x.dim() - 1)))
+        return (mask * tuned + (1 - mask) * frozen).to(tuned.dtype)
 
     def forward_planned(self, x_perm: torch.Tensor, n_frozen: int, order: torch.Tensor, dest: torch.Tensor,
                         decision: torch.Tensor) -> torch.Tensor:
