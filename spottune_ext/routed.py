@@ -74,6 +74,8 @@ _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 def _norm(bn: _BatchNorm, x: torch.Tensor, update_stats: bool) -> torch.Tensor:
     """A BatchNorm layer under the routing rules (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return _traced_norm(bn, x, update_stats)
     if not bn.training:
         return bn(x)
     if x.numel() <= x.shape[1]:  # at most one value per channel: no batch statistics
@@ -81,6 +83,37 @@ def _norm(bn: _BatchNorm, x: torch.Tensor, update_stats: bool) -> torch.Tensor:
     if update_stats:
         return bn(x)
     return nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+
+def _traced_norm(bn: _BatchNorm, x: torch.Tensor, update_stats: bool) -> torch.Tensor:
+    """_norm without a branch on the sub-batch size, which torch.compile traces as a data-dependent
+    size: the batch statistics are computed whatever the size and replaced by the running ones
+    (torch.where) where there is at most one value per channel; the running statistics are updated
+    the same way. Computed in float32 at least, returned in x's dtype, as BatchNorm under autocast."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xs = x.to(acc)
+    mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+    if bn.training:
+        # Values per channel, as a tensor: traced arithmetic on the size itself (torch.var_mean's
+        # division included) assumes data-dependent sizes are at least 2 and fails on an empty sub-batch.
+        n = torch.scalar_tensor(x.numel() // x.shape[1], dtype=acc, device=x.device)
+        has_stats = n > 1
+        dims = [0, *range(2, x.dim())]
+        batch_mean = xs.sum(dims) / n.clamp_min(1)
+        batch_var = (xs - batch_mean.view(view)).square().sum(dims) / n.clamp_min(1)
+        if update_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(has_stats.long())
+                momentum = 1 / bn.num_batches_tracked.clamp_min(1) if bn.momentum is None else bn.momentum
+                unbiased = batch_var * (n / (n - 1).clamp_min(1))
+                bn.running_mean.copy_(torch.where(has_stats, torch.lerp(mean, batch_mean, momentum), mean))
+                bn.running_var.copy_(torch.where(has_stats, torch.lerp(var, unbiased, momentum), var))
+        mean, var = torch.where(has_stats, batch_mean, mean), torch.where(has_stats, batch_var, var)
+    out = (xs - mean.view(view)) * torch.rsqrt(var + bn.eps).view(view)
+    if bn.affine:
+        out = out * bn.weight.to(acc).view(view) + bn.bias.to(acc).view(view)
+    return out.to(x.dtype)
 
 
 def _run(module: nn.Module, x: torch.Tensor, update_stats: bool) -> torch.Tensor:
@@ -230,8 +263,10 @@ class RoutedBlock(nn.Module):
         # split, not narrow: its backward concatenates the two gradients instead of zero-filling
         # and adding two batch-sized tensors.
         parts = x_perm.split([n_frozen, x_perm.shape[0] - n_frozen])
-        keep_empty = keep_empty or x_perm.shape[0] == 0
-        out0, out1 = (self._branch(c, part, update_stats) if part.shape[0] or keep_empty else None
+        # Traced by torch.compile, the sub-batch sizes are data-dependent: both copies always run
+        # (on an empty sub-batch that is a few empty kernels), so that one graph serves every split.
+        keep_empty = keep_empty or x_perm.shape[0] == 0 or torch.compiler.is_compiling()
+        out0, out1 = (self._branch(c, part, update_stats) if keep_empty or part.shape[0] else None
                       for c, part in zip(copies, parts))
         out0 = out1[:0] if out0 is None else out0
         out1 = out0[:0] if out1 is None else out1
@@ -275,7 +310,7 @@ class RoutedBlock(nn.Module):
             return self._dense(x, decision)
         plan = route_plan(decision.detach().unsqueeze(1), chain=False, backend=self.backend)
         n_frozen = x.shape[0] - plan.counts[0]
-        if not torch.is_grad_enabled() and n_frozen in (0, x.shape[0]):
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and n_frozen in (0, x.shape[0]):
             return self._block(self.frozen if n_frozen else self.tuned, x, True)
         order, dest = plan.order[0], plan.dest[0]
         return self.forward_planned(gather_rows(x, order, backend=self.backend), n_frozen, order, dest, decision)
