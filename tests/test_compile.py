@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from torchvision.models.resnet import BasicBlock
 
 import spottune_ext as st
 from spottune_ext.models.resnet26 import DecathlonResNet
@@ -111,4 +112,24 @@ def test_inductor_training_step():
     of a data-dependent batch size, which may be 0, gives a contiguous output."""
     with torch._inductor.config.patch(layout_optimization=False):
         counter = _compare("inductor", True, batches=4)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("frozen_bn", ["eval", "train"])
+def test_sub_batches_without_batch_statistics(frozen_bn):
+    """A routed block at 1x1 spatial size: a one-image sub-batch has one value per channel and uses
+    the running statistics (and leaves them), as in eager execution, in the same graph as the others."""
+    torch.manual_seed(0)
+    block = st.RoutedBasicBlock(BasicBlock(4, 4), frozen_bn=frozen_bn).train()
+    eager = copy.deepcopy(block)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    x = torch.randn(4, 4, 1, 1)
+    for d in ([1.0, 0, 0, 0], [0.0, 1, 1, 0], [1.0, 1, 1, 0], [0.0, 0, 0, 0]):
+        d = torch.tensor(d)
+        got, expected = (_step(m, run, x, d, True) for m, run in ((block, compiled), (eager, eager)))
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-4)
+        for name, buffer in expected[3].items():
+            torch.testing.assert_close(got[3][name], buffer, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert counter.frame_count == 1
