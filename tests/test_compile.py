@@ -133,3 +133,35 @@ def test_sub_batches_without_batch_statistics(frozen_bn):
         for name, buffer in expected[3].items():
             torch.testing.assert_close(got[3][name], buffer, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert counter.frame_count == 1
+
+
+def test_a_new_batch_size_compiles_one_dynamic_graph():
+    model = _model()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    graphs = []
+    for batch in (8, 8, 6, 5, 7, 3, 8):
+        compiled(torch.randn(batch, 3, 16, 16)).sum().backward()
+        graphs.append(counter.frame_count)
+    assert graphs == [1, 1, 2, 2, 2, 2, 2]
+
+
+def test_compiled_under_autocast():
+    """bfloat16 autocast around the compiled model: one graph, eager autocast's values and gradients."""
+    model = _model()
+    eager = copy.deepcopy(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for x, d in _batches(5):
+        results = []
+        for run in (compiled, eager):
+            d_grad = d.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = run(x, d_grad)
+            out.float().sum().backward()  # outside autocast, as recommended
+            results.append((out.detach(), d_grad.grad))
+        (out, d_grad), (out_eager, d_grad_eager) = results
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, out_eager, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(d_grad, d_grad_eager, rtol=2e-2, atol=0.1)
+    assert counter.frame_count == 1
