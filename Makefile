@@ -42,13 +42,14 @@ bench-full: setup
 	  --out bench/e2e_$$dev.md
 
 # bench/RESULTS.md from one run on this machine: the op and block benchmarks, then the end-to-end
-# cases the targets need, with the throughput plot (a quarter of an hour or more on 2 CPU cores).
+# cases the targets need, with the throughput plot (a quarter of an hour or more on 2 CPU cores, plus
+# minutes of compilation for each compiled case).
 results: setup
 	$(PYTEST) bench/bench_gumbel_st.py bench/bench_route_ops.py bench/bench_routed.py -q --benchmark-json=bench/ops_run.json
 	SPOTTUNE_BENCH=targets $(PYTEST) bench/bench_models.py -q --benchmark-json=bench/models_run.json
 	$(PY) bench/plot.py bench/models_run.json --out bench/throughput_cpu.png
 	$(PY) bench/report.py bench/ops_run.json bench/models_run.json --preamble bench/RESULTS_preamble.md \
-	  --title "Ops and routed blocks, CPU" --title "End to end, CPU (ResNet-50, batch 16, 112x112)" \
+	  --title "Ops and routed blocks, CPU" --title "End to end, CPU (ResNet-50 and MobileNetV2, batch 16, 112x112)" \
 	  --figure throughput_cpu.png --out bench/RESULTS.md
 
 # The accuracy study (bench/study.py list shows its grid): bench/accuracy/ run records, then

@@ -12,9 +12,12 @@ Executions (the "impl" of each benchmark; one group per model, batch, routed fra
   dense          : SpotTune as the authors run it (execution="dense": both copies on the whole batch).
   grouped_torch  : SpotTune grouped (each image through its chosen copy only), plain-torch row ops.
   grouped        : SpotTune grouped with the project's row-op kernels (backend "cpp" on CPU, "cuda" on GPU).
-  <impl>+compile : the same under torch.compile, in the "targets" selection on GPU and in the "full" one
-                   (not in the quick pass; on CPU compiling takes minutes per variant); a variant that
-                   fails to compile is reported as skipped with the compiler's error.
+  <impl>+compile : the same under torch.compile(fullgraph=True), every variant compiled the same way (on
+                   the CPU with inductor's layout optimisation off, as routed blocks need: README);
+                   every execution in the "full" selection and in "targets" on GPU; in "targets" on CPU
+                   only plain, finetune and grouped at fraction 0.5 (compiling takes minutes per
+                   variant there); not in the quick pass. A variant that fails to compile is reported
+                   as skipped with the compiler's error.
 
 Routed fraction (the "fraction" of each group): 0, 0.25, 0.5, 0.75, 1 are fixed decisions (in every
 block exactly round(f * B) random images take the fine-tuned copy), the same for every execution so
@@ -32,12 +35,14 @@ Measures:
                 profiler's allocation record on CPU (bench/_common.py); weights are not counted.
 
 Selection (SPOTTUNE_BENCH): unset = the quick pass of `make test` (resnet18, fraction 0.5, the small
-batch, 64x64 images on CPU); "targets" = what the targets below need (resnet50, the large batch, fractions 0, 0.5, 1);
-"full" = every model, batch, fraction and execution (`make bench-full`; hours on a 2-core CPU).
+batch, 64x64 images on CPU); "targets" = what the targets below need (resnet50, the large batch, fractions 0, 0.5, 1),
+and mobilenet_v2 next to it (large batch, fraction 0.5); "full" = every model, batch, fraction and
+execution (`make bench-full`; hours on a 2-core CPU).
 
 Targets (extra_info["targets"], marked by bench/report.py), resnet50, large batch, grouped vs the others:
   CPU (batch 16, 112x112): at 0.5, inference <= 0.6x dense, training step <= 0.65x dense, faster than
-  grouped_torch in both; at 0 and 1, inference <= 1.03x plain+policy.
+  grouped_torch in both; at 0 and 1, inference <= 1.03x plain+policy. Compiled, at 0.5: training step
+  (grouped+compile) <= 1.25x standard fine-tuning compiled the same way (finetune+compile).
   GPU (H200, bf16, channels_last, batch 256, 224x224): at 0.5, inference <= 0.556x dense (1.8x the
   throughput) and <= 1/0.85x plain+policy, training step <= 1/1.5x dense, peak memory <= 0.65x dense.
 
@@ -81,18 +86,27 @@ COMPILE = SELECTION == "full" or (HAS_CUDA and SELECTION == "targets")
 if COMPILE:
     INFERENCE_IMPLS += [f"{impl}+compile" for impl in INFERENCE_IMPLS]
     TRAIN_IMPLS += [f"{impl}+compile" for impl in TRAIN_IMPLS]
+# On the CPU, "targets" compiles only what the compiled target and its comparison need, at fraction 0.5.
+CPU_COMPILED = ({"inference": ["plain+compile", "grouped+compile"], "train": ["finetune+compile", "grouped+compile"]}
+                if SELECTION == "targets" and not HAS_CUDA else {"inference": [], "train": []})
+# Compiled on the CPU: inductor's layout optimisation off (README: torch.compile, limits).
+COMPILE_OPTIONS = None if HAS_CUDA else {"layout_optimization": False}
 
 if SELECTION == "full":
     CASES = [(m, b, f) for m in MODELS for b in (LARGE, SMALL) for f in FRACTIONS]
 elif SELECTION == "targets":
-    CASES = [("resnet50", LARGE, f) for f in (0.0, 0.5, 1.0)]
+    CASES = [("resnet50", LARGE, f) for f in (0.0, 0.5, 1.0)] + [("mobilenet_v2", LARGE, 0.5)]
 else:
     CASES = [("resnet18", SMALL, 0.5)]
 
 
-def _targets(measure, model, batch, fraction):
-    """The targets of the grouped execution in this group (see the module docstring)."""
-    if model != "resnet50" or batch != LARGE:
+def _targets(impl, measure, model, batch, fraction):
+    """The targets of the grouped execution, compiled or not, in this group (see the module docstring)."""
+    if impl not in ("grouped", "grouped+compile") or model != "resnet50" or batch != LARGE:
+        return []
+    if impl == "grouped+compile":
+        if not HAS_CUDA and fraction == 0.5 and measure == "train-step":
+            return [{"vs": "finetune+compile", "max_ratio": 1.25}]
         return []
     if not HAS_CUDA:
         if fraction == 0.5 and measure == "inference":
@@ -159,7 +173,7 @@ def _spottune_forward(model, x, fixed):
 def _maybe_compile(fn, impl):
     if not impl.endswith("+compile"):
         return fn
-    compiled = torch.compile(fn)
+    compiled = torch.compile(fn, fullgraph=True, options=COMPILE_OPTIONS)
 
     def call():
         try:
@@ -214,7 +228,7 @@ def _train_setup(case, impl, fraction):
 def _record(benchmark, impl, measure, model_name, batch, fraction):
     benchmark.extra_info.update(impl=impl, baseline="dense", model=model_name, batch=batch, size=SIZE,
                                 fraction=fraction, measure=measure, dtype=str(DTYPE).removeprefix("torch."),
-                                targets=_targets(measure, model_name, batch, fraction) if impl == "grouped" else [])
+                                targets=_targets(impl, measure, model_name, batch, fraction))
 
 
 def _routed_fraction(case, impl, fraction):
@@ -223,11 +237,12 @@ def _routed_fraction(case, impl, fraction):
     return round(float(case.spottune[impl].last_policy.float().mean()), 4)
 
 
-def _cases(impls):
-    return [pytest.param(m, b, f, impl, id=f"{m}-b{b}-{f}-{impl}") for m, b, f in CASES for impl in impls]
+def _cases(impls, compiled=()):
+    return [pytest.param(m, b, f, impl, id=f"{m}-b{b}-{f}-{impl}") for m, b, f in CASES
+            for impl in (*impls, *(compiled if f == 0.5 else ()))]
 
 
-@pytest.mark.parametrize("model_name, batch, fraction, impl", _cases(INFERENCE_IMPLS))
+@pytest.mark.parametrize("model_name, batch, fraction, impl", _cases(INFERENCE_IMPLS, CPU_COMPILED["inference"]))
 def test_inference(benchmark, model_name, batch, fraction, impl):
     case = _case(model_name, batch)
     benchmark.group = f"{model_name} b{batch} fraction {fraction}: inference"
@@ -249,7 +264,7 @@ def test_inference(benchmark, model_name, batch, fraction, impl):
         benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
 
 
-@pytest.mark.parametrize("model_name, batch, fraction, impl", _cases(TRAIN_IMPLS))
+@pytest.mark.parametrize("model_name, batch, fraction, impl", _cases(TRAIN_IMPLS, CPU_COMPILED["train"]))
 def test_train_step(benchmark, model_name, batch, fraction, impl):
     case = _case(model_name, batch)
     benchmark.group = f"{model_name} b{batch} fraction {fraction}: train-step"

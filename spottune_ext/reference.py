@@ -7,6 +7,7 @@ arguments and returns the same outputs as the op schema in csrc/spottune_ext.cpp
 from typing import Optional, Tuple, Union
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 UNIFORM_EPS = 1e-7  # as kUniformEps in csrc/gumbel_st_math.h
 
@@ -99,7 +100,9 @@ def combine_rows(src0: torch.Tensor, src1: torch.Tensor, dest: torch.Tensor, res
         rows = rows + residual
     if relu:
         rows = torch.relu(rows)
-    out = torch.empty_like(rows, memory_format=row_memory_format(src0 if src0.shape[0] else src1))
+    # (guard_or_true: under torch.compile src0's size can be data-dependent; see ops/combine_rows.py's fake)
+    first = src0 if guard_or_true(src0.shape[0] != 0) else src1
+    out = torch.empty_like(rows, memory_format=row_memory_format(first))
     return out.index_copy_(0, dest, rows)  # in place: the out-of-place index_copy drops channels_last
 
 

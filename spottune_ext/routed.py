@@ -19,8 +19,8 @@ Execution (``execution``, settable at any time):
   chosen copy (the other copy's coefficient is exactly 0). The decision gets the gradient
   <g, F^(x) - F(x)> per image, g being the gradient arriving at the block's output; it needs the
   other copy's output for each image, which is computed in the backward pass under no_grad (no
-  activations kept, no backward through it, no extra memory between forward and backward), and
-  only when the decision requires grad. When grad mode is on, a copy that no image chose still runs
+  activations kept, no backward through it, no extra memory between forward and backward) and
+  under the forward's autocast state, and only when the decision requires grad. When grad mode is on, a copy that no image chose still runs
   on its empty sub-batch, so its trainable parameters get a (zero) gradient and
   DistributedDataParallel needs no find_unused_parameters.
 * ``"dense"``: the authors' masked execution, y = I * F^(x) + (1 - I) * F(x), both copies on the
@@ -75,6 +75,8 @@ _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 def _norm(bn: _BatchNorm, x: torch.Tensor, update_stats: bool) -> torch.Tensor:
     """A BatchNorm layer under the routing rules (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return _traced_norm(bn, x, update_stats)
     if not bn.training:
         return bn(x)
     if x.numel() <= x.shape[1]:  # at most one value per channel: no batch statistics
@@ -82,6 +84,37 @@ def _norm(bn: _BatchNorm, x: torch.Tensor, update_stats: bool) -> torch.Tensor:
     if update_stats:
         return bn(x)
     return nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+
+def _traced_norm(bn: _BatchNorm, x: torch.Tensor, update_stats: bool) -> torch.Tensor:
+    """_norm without a branch on the sub-batch size, which torch.compile traces as a data-dependent
+    size: the batch statistics are computed whatever the size and replaced by the running ones
+    (torch.where) where there is at most one value per channel; the running statistics are updated
+    the same way. Computed in float32 at least, returned in x's dtype, as BatchNorm under autocast."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xs = x.to(acc)
+    mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+    if bn.training:
+        # Values per channel, as a tensor: traced arithmetic on the size itself (torch.var_mean's
+        # division included) assumes data-dependent sizes are at least 2 and fails on an empty sub-batch.
+        n = torch.scalar_tensor(x.numel() // x.shape[1], dtype=acc, device=x.device)
+        has_stats = n > 1
+        dims = [0, *range(2, x.dim())]
+        batch_mean = xs.sum(dims) / n.clamp_min(1)
+        batch_var = (xs - batch_mean.view(view)).square().sum(dims) / n.clamp_min(1)
+        if update_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(has_stats.long())
+                momentum = 1 / bn.num_batches_tracked.clamp_min(1) if bn.momentum is None else bn.momentum
+                unbiased = batch_var * (n / (n - 1).clamp_min(1))
+                bn.running_mean.copy_(torch.where(has_stats, torch.lerp(mean, batch_mean, momentum), mean))
+                bn.running_var.copy_(torch.where(has_stats, torch.lerp(var, unbiased, momentum), var))
+        mean, var = torch.where(has_stats, batch_mean, mean), torch.where(has_stats, batch_var, var)
+    out = (xs - mean.view(view)) * torch.rsqrt(var + bn.eps).view(view)
+    if bn.affine:
+        out = out * bn.weight.to(acc).view(view) + bn.bias.to(acc).view(view)
+    return out.to(x.dtype)
 
 
 def _run(module: nn.Module, x: torch.Tensor, update_stats: bool) -> torch.Tensor:
@@ -115,6 +148,10 @@ class _DecisionGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, decision, x_perm, order, dest, block, n_frozen):
         ctx.block, ctx.n_frozen = block, n_frozen
+        # The backward pass runs outside any autocast region: the other copy must be recomputed
+        # under the forward's autocast state to see the dtypes the forward saw.
+        device_type = x_perm.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.save_for_backward(out, x_perm, order, dest)
         return out.view_as(out)
 
@@ -122,7 +159,9 @@ class _DecisionGradient(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         out, x_perm, order, dest = ctx.saved_tensors  # (once_differentiable: this runs under no_grad)
-        other = ctx.block._routes(x_perm, ctx.n_frozen, dest, swap=True, update_stats=False, keep_empty=False)
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            other = ctx.block._routes(x_perm, ctx.n_frozen, dest, swap=True, update_stats=False, keep_empty=False)
         other = other.to(torch.promote_types(grad.dtype, torch.float32))  # accumulate in fp32 or fp64
         diff = torch.sub(out.to(other.dtype), other, out=other)  # y - other, over other's buffer
         dots = diff.mul_(grad).sum(dim=tuple(range(1, grad.dim())))
@@ -226,17 +265,24 @@ class RoutedBlock(nn.Module):
         # split, not narrow: its backward concatenates the two gradients instead of zero-filling
         # and adding two batch-sized tensors.
         parts = x_perm.split([n_frozen, x_perm.shape[0] - n_frozen])
-        keep_empty = keep_empty or x_perm.shape[0] == 0
-        out0, out1 = (self._branch(c, part, update_stats) if part.shape[0] or keep_empty else None
+        # Traced by torch.compile, the sub-batch sizes are data-dependent: both copies always run
+        # (on an empty sub-batch that is a few empty kernels), so that one graph serves every split.
+        keep_empty = keep_empty or x_perm.shape[0] == 0 or torch.compiler.is_compiling()
+        out0, out1 = (self._branch(c, part, update_stats) if keep_empty or part.shape[0] else None
                       for c, part in zip(copies, parts))
         out0 = out1[:0] if out0 is None else out0
         out1 = out0[:0] if out1 is None else out1
-        residual = x_perm if self._identity_shortcut else None
+        # Under autocast the copies' outputs can be of a lower precision than their input: the
+        # identity shortcut is added in the outputs' dtype, as torchvision's in-place add does.
+        residual = x_perm.to(out0.dtype) if self._identity_shortcut else None
         return combine_rows(out0, out1, dest, residual, self.final_relu, backend=self.backend)
 
     def _dense(self, x: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
-        mask = decision.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return mask * self._block(self.tuned, x, True) + (1 - mask) * self._block(self.frozen, x, True)
+        tuned, frozen = self._block(self.tuned, x, True), self._block(self.frozen, x, True)
+        # Mixed at the decision's precision at least (the decision's gradient is a difference of two
+        # sums), returned in the copies' dtype, which autocast may have lowered.
+        mask = decision.to(torch.promote_types(tuned.dtype, decision.dtype)).view(-1, *([1] * (x.dim() - 1)))
+        return (mask * tuned + (1 - mask) * frozen).to(tuned.dtype)
 
     def forward_planned(self, x_perm: torch.Tensor, n_frozen: int, order: torch.Tensor, dest: torch.Tensor,
                         decision: torch.Tensor) -> torch.Tensor:
@@ -266,7 +312,7 @@ class RoutedBlock(nn.Module):
             return self._dense(x, decision)
         plan = route_plan(decision.detach().unsqueeze(1), chain=False, backend=self.backend)
         n_frozen = x.shape[0] - plan.counts[0]
-        if not torch.is_grad_enabled() and n_frozen in (0, x.shape[0]):
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and n_frozen in (0, x.shape[0]):
             return self._block(self.frozen if n_frozen else self.tuned, x, True)
         order, dest = plan.order[0], plan.dest[0]
         return self.forward_planned(gather_rows(x, order, backend=self.backend), n_frozen, order, dest, decision)

@@ -12,9 +12,12 @@ import spottune_ext
 from spottune_ext import RoutedBasicBlock, RoutedBottleneck, RoutedInvertedResidual, run_blocks
 from spottune_ext import routed as routed_module
 
+from conftest import INTERPRET
+
 CUDA = torch.cuda.is_available()
-# (device, row-op backend): every implementation on every device it runs on.
-DEVICE_BACKENDS = [("cpu", "torch"), ("cpu", "cpp"), ("cpu", "triton")]
+# (device, row-op backend): every implementation on every device it runs on; Triton runs on CPU
+# tensors only through its interpreter, which tests/conftest.py turns on where there is no GPU.
+DEVICE_BACKENDS = [("cpu", "torch"), ("cpu", "cpp")] + ([("cpu", "triton")] if INTERPRET else [])
 if CUDA:
     DEVICE_BACKENDS += [("cuda", "torch"), ("cuda", "cuda"), ("cuda", "triton")]
 
@@ -141,25 +144,26 @@ def test_gradients_match_dense(name, batch, kind, seed):
     assert all(p.grad is None for p in routed.frozen.parameters())
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("device,backend", [db for db in DEVICE_BACKENDS if db[1] != "torch"])
 @pytest.mark.parametrize("name", ["basic", "bottleneck_down", "inverted_nores"])
-def test_row_op_backends_agree_exactly(name, backend):
+def test_row_op_backends_agree_exactly(name, device, backend):
     """The row ops only move rows and fuse add + ReLU: every backend gives the same bits."""
     routed, _, cin = _make(name, 6)
+    routed.to(device)
     other = copy.deepcopy(routed)
     routed.backend, other.backend = "torch", backend
-    x = torch.randn(5, cin, 6, 6)
-    d = torch.tensor([1.0, 0, 0, 1, 1])
+    x = torch.randn(5, cin, 6, 6, device=device)
+    d = torch.tensor([1.0, 0, 0, 1, 1], device=device)
     weight = torch.randn_like(routed(x, d))
     expected, got = (_loss_and_grads(m, x, d, weight) for m in (routed, other))
     for e, g in zip(expected[:3], got[:3]):
         assert torch.equal(e, g)
     assert all(torch.equal(e, g) for e, g in zip(expected[3], got[3]))
     _, modules = _resnet18_blocks(1)
-    d = _decisions(3, "random", seed=2, columns=8)
-    x = torch.randn(3, 64, 4, 4)
+    d = _decisions(3, "random", seed=2, columns=8).to(device)
+    x = torch.randn(3, 64, 4, 4, device=device)
     for m in modules:
-        m.eval().backend = "torch"
+        m.to(device).eval().backend = "torch"
     with torch.no_grad():
         expected = run_blocks(modules, x, d, backend="torch")
         for m in modules:

@@ -3,6 +3,7 @@ residual add and ReLU fused into the row copies."""
 from typing import Optional
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from .. import _checks, _library, backends, reference
 
@@ -22,7 +23,10 @@ def _load_triton():
 
 def _fake(src0, src1, dest, residual, relu):
     n0 = src0.shape[0]
-    fmt = reference.row_memory_format(src0 if n0 else src1)
+    # The kernels take src0's memory format unless src0 is empty. Under torch.compile n0 can be a
+    # data-dependent size: src0's format is taken without a guard (both sources come from the same
+    # block on the same input layout, so their formats agree).
+    fmt = reference.row_memory_format(src0 if guard_or_true(n0 != 0) else src1)
     return torch.empty((n0 + src1.shape[0], *src0.shape[1:]), dtype=src0.dtype, device=src0.device,
                        memory_format=fmt)
 

@@ -58,8 +58,36 @@ def route_plan(decisions: torch.Tensor, chain: bool = False, backend: str = "aut
     _checks.route_plan(decisions)
     plan = backends.implementation("route_plan", backend, decisions.device)
     order, dest, counts = plan(decisions.detach(), bool(chain))
+    if torch.compiler.is_compiling():
+        # Traced, the counts are data-dependent sizes: one graph serves every route split.
+        counts = [t.shape[0] for t in _route_sizes(counts)]
+        for count in counts:
+            torch._check(count <= decisions.shape[0])
+        return RoutePlan(order, dest, counts)
     counts = counts.tolist()  # the one device-to-host copy of the plan
+    _check_counts(counts)
+    return RoutePlan(order, dest, counts[:-1])
+
+
+def _check_counts(counts: List[int]) -> None:
     if counts[-1]:
         raise ValueError(f"route_plan: decisions must be exactly 0 or 1, got {counts[-1]} other value(s) (NaN "
                          f"decisions come from NaN policy logits)")
-    return RoutePlan(order, dest, counts[:-1])
+
+
+@torch.library.custom_op("spottune_ext::route_sizes", mutates_args=())
+def _route_sizes(counts: torch.Tensor) -> List[torch.Tensor]:
+    """A plan's counts [L + 1] as the lengths of L empty tensors (and the check of the last one).
+
+    torch.compile runs it in place of the host copy: its fake gives each length as a new
+    data-dependent size, so that a compiled graph carries the sub-batch sizes as symbols (no graph
+    break, no recompilation when the split changes, no capture_scalar_outputs needed)."""
+    values = counts.tolist()  # the one device-to-host copy of the plan
+    _check_counts(values)
+    return [counts.new_empty((n,), dtype=torch.uint8) for n in values[:-1]]
+
+
+@_route_sizes.register_fake
+def _route_sizes_fake(counts):
+    ctx = torch.library.get_ctx()
+    return [counts.new_empty((ctx.new_dynamic_size(),), dtype=torch.uint8) for _ in range(counts.shape[0] - 1)]

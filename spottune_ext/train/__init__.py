@@ -100,7 +100,11 @@ def _run(args):
         runner = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                          find_unused_parameters=net.num_routed > 0)
     if args.compile:
-        runner = torch.compile(runner)
+        # Routed blocks compile to one graph with data-dependent sub-batch sizes, which dynamo traces
+        # with this setting (or fullgraph=True); on the CPU inductor's layout optimisation must be off
+        # (README, torch.compile).
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        runner = torch.compile(runner, options={"layout_optimization": False} if device.type == "cpu" else None)
     loader, sampler = train_loader(train_set, args, world, rank, pin_memory=device.type == "cuda")
     counts = parameter_counts(net)
     log(f"{args.strategy} on {args.arch} ({args.weights or 'random init'}), {args.data}: {len(train_set)} "
