@@ -255,7 +255,7 @@ def gumbel_backward_case(draw, entry):
                 check=lambda got, want: torch.allclose(got.double(), want.double(), rtol=2e-2, atol=1e-6))
 
 
-_BACKBONE = se.DecathlonResNet(3, (1, 1, 1), (8, 16, 32), 8).eval()
+_BACKBONE = se.models.DecathlonResNet(3, (1, 1, 1), (8, 16, 32), 8).eval()
 _POLICY = {"widths": (8,), "stem_width": 8}
 
 

@@ -24,7 +24,7 @@ STRATEGIES = {"global_k": {"k": 1, "lambda1": 2.0, "lambda2": 0.5}, "l2sp": {"al
 
 def _net(strategy):
     torch.manual_seed(0)
-    backbone = st.DecathlonResNet(10, layers=(1, 1, 1), widths=(8, 16, 32), stem_width=8)
+    backbone = st.models.DecathlonResNet(10, layers=(1, 1, 1), widths=(8, 16, 32), stem_width=8)
     policy = {"widths": (8, 16), "stem_width": 8} if strategy == "global_k" else None
     net = st.convert(backbone, num_classes=3, strategy=strategy, policy=policy, **STRATEGIES[strategy])
     if strategy == "l2sp":  # move away from the anchor so that the penalty has a gradient

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import spottune_ext as se
+import spottune_ext.data  # noqa: F401  (se.data)
 from spottune_ext import _checks, backends, reference
 from spottune_ext.models import checkpoint
 
@@ -171,7 +172,7 @@ print("ok")
 # -------------------------------------------------------------------------------- models and blocks
 
 def test_convert_policy_and_model_errors_name_the_argument():
-    backbone = se.DecathlonResNet(3, (1, 1, 1), (8, 16, 32), 8)
+    backbone = se.models.DecathlonResNet(3, (1, 1, 1), (8, 16, 32), 8)
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         se.convert(backbone, num_classes=True)
     with pytest.raises(TypeError, match=r"adaptive_blocks must hold int block indices, got \['a'\]"):
@@ -200,7 +201,7 @@ def test_convert_policy_and_model_errors_name_the_argument():
 # ------------------------------------------------------------------------------------- checkpoints
 
 def _tiny_model():
-    return se.convert(se.DecathlonResNet(3, (1, 1, 1), (8, 16, 32), 8),
+    return se.convert(se.models.DecathlonResNet(3, (1, 1, 1), (8, 16, 32), 8),
                       policy={"widths": (8,), "stem_width": 8})
 
 
@@ -334,12 +335,12 @@ def test_crafted_data_files_cannot_run_code(tmp_path):
         _write_gz_pickle(root / "animal_label_version_3.gz", labels)
         with pytest.raises(ValueError, match="animal_data_version_3.gz: not a gzip-compressed pickle of a numpy "
                                              "array|animal_data_version_3.gz: expected a numpy array"):
-            se.build_datasets("animal-mnist", 28, root=str(root))
+            se.data.build_datasets("animal-mnist", 28, root=str(root))
         assert not marker.exists(), f"{what}: the file ran code"
     # Plain arrays still read.
     root = tmp_path / "good"
     root.mkdir()
     _write_gz_pickle(root / "animal_data_version_3.gz", images)
     _write_gz_pickle(root / "animal_label_version_3.gz", labels)
-    train, val, test, num_classes, _ = se.build_datasets("animal-mnist", 28, root=str(root))
+    train, val, test, num_classes, _ = se.data.build_datasets("animal-mnist", 28, root=str(root))
     assert num_classes == 10 and len(train) + len(val) + len(test) == 30

@@ -46,7 +46,12 @@ def train_one_epoch(runner, net, loader, optimizer, scaler, args, device, epoch,
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, args.amp):
-            logits = runner(x)
+            try:
+                logits = runner(x)
+            except ValueError:  # route_plan refuses NaN decisions: name the policy that made them
+                if watched and net.last_policy is not None:
+                    _check_policy(net, watched, where)
+                raise
             task = F.cross_entropy(logits, y)
             loss = task + net.extra_loss()
         if not torch.isfinite(loss):
