@@ -95,15 +95,14 @@ def route_plan(decisions) -> None:
                         f"{_FLOAT_NAMES}, got {decisions.dtype}")
 
 
-def _index(op: str, name: str, index, like_name: str, like: torch.Tensor, rows: str) -> None:
-    """index: int64 of shape [rows], rows = "B = 4" or the like."""
-    n = rows.rpartition("= ")[2]
-    tensor(op, name, index, f"of shape [{n}] (a permutation)")
+def _index(op: str, name: str, index, like_name: str, like: torch.Tensor, n, label: str) -> None:
+    """index: int64 of shape [n], n described by `label` (e.g. "B"). Shapes are formatted only for an
+    error: formatting a traced size would specialise a compiled graph to it."""
+    tensor(op, name, index, f"of shape [{label}] (a permutation)")
     if index.dtype != torch.int64:
         raise TypeError(f"{op} expects {name} as an int64 tensor, got {index.dtype}")
-    if list(index.shape) != [int(n)]:
-        shape = rows.replace(" = ", "] = [")
-        raise ValueError(f"{op} expects {name} of shape [{shape}] (a permutation of range({n})), "
+    if index.dim() != 1 or index.shape[0] != n:
+        raise ValueError(f"{op} expects {name} of shape [{label}] = [{n}] (a permutation of range({n})), "
                          f"got {list(index.shape)}")
     same_device(op, name, index, like_name, like)
 
@@ -126,7 +125,7 @@ def gather_rows(x, index, mask) -> None:
     if x.dim() < 1:
         raise ValueError(f"{op} expects x with a batch dimension [B, ...], got a 0-d tensor")
     floating(op, "x", x)
-    _index(op, "index", index, "x", x, f"B = {x.shape[0]}")
+    _index(op, "index", index, "x", x, x.shape[0], "B")
     if mask is not None:
         _like(op, "mask", mask, "x", x, x.shape, "x's shape")
 
@@ -142,7 +141,7 @@ def combine_rows(src0, src1, dest, residual) -> None:
     floating(op, "src0", src0)
     _like(op, "src1", src1, "src0", src0, [src1.shape[0], *src0.shape[1:]])  # src0's sample shape
     rows = src0.shape[0] + src1.shape[0]
-    _index(op, "dest", dest, "src0", src0, f"rows(src0) + rows(src1) = {rows}")
+    _index(op, "dest", dest, "src0", src0, rows, "rows(src0) + rows(src1)")
     if residual is not None:
         _like(op, "residual", residual, "src0", src0, [rows, *src0.shape[1:]])
 

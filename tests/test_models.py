@@ -876,3 +876,30 @@ def test_match_classifier_takes_the_files_class_count():
     with pytest.raises(ValueError, match="the classifier takes 512 features"):
         families.match_classifier(model, torchvision.models.resnet18(num_classes=7).state_dict() | {
             "classifier.1.weight": torch.zeros(7, 512)})
+
+
+@pytest.mark.parametrize("init_tuned", [0.9, 0.1])
+def test_policy_starts_with_the_requested_routing(init_tuned):
+    torch.manual_seed(0)
+    policy = st.PolicyNet(4, widths=(8,), stem_width=8, init_tuned=init_tuned).train()
+    with torch.no_grad():
+        fraction = policy(torch.randn(512, 3, 16, 16)).mean().item()
+    assert abs(fraction - init_tuned) < 0.08
+    assert policy.config()["init_tuned"] == init_tuned
+    with pytest.raises(ValueError, match="init_tuned"):
+        st.PolicyNet(4, init_tuned=1.0)
+
+
+def test_bn_stats_running_keeps_every_backbone_norm_on_its_running_statistics(tmp_path):
+    backbone = st.models.DecathlonResNet(10, (1, 1), (8, 16), 8)
+    model = st.convert(backbone, policy={"widths": (8,), "stem_width": 8}, bn_stats="running").train()
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert all(m.training for m in model.policy.modules() if isinstance(m, nn.BatchNorm2d))
+    before = [m.running_mean.clone() for m in norms]
+    model(torch.randn(4, 3, 16, 16)).sum().backward()
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+    st.save_checkpoint(model, str(tmp_path / "m.pt"))
+    assert st.load_checkpoint(str(tmp_path / "m.pt"))[0].bn_stats == "running"
+    with pytest.raises(ValueError, match="bn_stats"):
+        st.convert(backbone, bn_stats="frozen")
