@@ -74,11 +74,12 @@ VARIANTS = {  # name: (strategy, trainer arguments changed from the study's)
     "spottune": ("spottune", []),
     "finetune": ("finetune", []),
     "feature_extractor": ("feature_extractor", []),
-    "spottune+init-tuned-0.9": ("spottune", ["--policy-init-tuned", "0.9"]),
-    "spottune+init-tuned-0.9+tau1": ("spottune", ["--policy-init-tuned", "0.9", "--tau", "1"]),
     "spottune+tau1": ("spottune", ["--tau", "1"]),
-    "spottune+bn-running": ("spottune", ["--bn-stats", "running"]),
-    "spottune+frozen-bn-train+dense": ("spottune", ["--frozen-bn", "train", "--execution", "dense"]),
+    "spottune+init-tuned-none": ("spottune", ["--policy-init-tuned", "none"]),
+    "spottune+init-tuned-none+tau1": ("spottune", ["--policy-init-tuned", "none", "--tau", "1"]),
+    "spottune+init-tuned-none+bn-running": ("spottune", ["--policy-init-tuned", "none", "--bn-stats", "running"]),
+    "spottune+init-tuned-none+frozen-bn-train+dense": ("spottune", ["--policy-init-tuned", "none", "--frozen-bn", "train",
+                                                                     "--execution", "dense"]),
 }
 
 # A handful of images and one epoch: checks the plumbing (`make test`), not the numbers.
@@ -128,7 +129,7 @@ def with_overrides(cmd, extra):
             j += 1
         if cmd[i] not in flags:
             out += cmd[i:j]
-        i = j if cmd[i].startswith("--") else i + 1
+        i = j
     for flag, values in flags.items():
         out += [flag, *values]
     return out

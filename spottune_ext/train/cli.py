@@ -53,6 +53,10 @@ NON_NEGATIVE = _number(float, 0)
 PROBABILITY = _number(float, 0, 1, low_open=True, high_open=True)
 
 
+def _init_tuned(text):
+    return "none" if text == "none" else PROBABILITY(text)
+
+
 def _tau(text):
     """A temperature whose inverse is finite in float32, where the Gumbel kernels divide by it."""
     tau = _number(float, 0, low_open=True)(text)
@@ -121,9 +125,9 @@ def build_parser():
     m.add_argument("--policy-widths", type=POSITIVE_INT, nargs="+", help="channels of the policy network's blocks")
     m.add_argument("--policy-stem-width", type=POSITIVE_INT, help="channels of the policy network's stem (default 32)")
     m.add_argument("--policy-input-size", type=POSITIVE_INT, help="resize images to this size for the policy network")
-    m.add_argument("--policy-init-tuned", type=PROBABILITY, metavar="P",
+    m.add_argument("--policy-init-tuned", type=_init_tuned, metavar="P",
                    help="a fresh policy sends each image to a fine-tuned copy with probability about P "
-                        "(default 0.9; 0.5 is close to the paper's unbiased start)")
+                        "(default 0.9); none: the paper's unbiased start")
     m.add_argument("--eval-sample", action="store_true",
                    help="sample the policy's decisions in evaluation too (the authors' choice); default: argmax")
     m.add_argument("--execution", default="grouped", choices=("grouped", "dense"))

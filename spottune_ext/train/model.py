@@ -85,7 +85,7 @@ def build_model(args, backbone, num_classes):
         if args.policy_stem_width:
             policy["stem_width"] = args.policy_stem_width
         if args.policy_init_tuned is not None:
-            policy["init_tuned"] = args.policy_init_tuned
+            policy["init_tuned"] = None if args.policy_init_tuned == "none" else args.policy_init_tuned
     blocks = len(family_of(backbone).blocks(backbone))
     if args.adaptive_blocks and max(args.adaptive_blocks) >= blocks:
         raise UsageError(f"--adaptive-blocks must be block indices in 0..{blocks - 1} ({args.arch} has {blocks} "
