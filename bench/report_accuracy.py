@@ -139,7 +139,8 @@ def write_report(out: Path, report: Path, cfg):
     lines += [f"Settings: {cfg['images_per_class']} training images per class, {cfg['eval_per_class']} per class in "
               f"validation and test, {cfg['epochs']} epochs, batch {cfg['batch']}, SGD momentum 0.9, the trainer's "
               f"defaults otherwise; each (source, strategy)'s learning rate chosen from "
-              f"{' / '.join(f'{k}: {v}' for k, v in cfg['lr_grid'].items())} on validation accuracy, seed 0, on the tuning target. Test accuracy in %, mean ± "
+              f"{' / '.join(f'{k}: {v}' for k, v in cfg['lr_grid'].items())} on validation accuracy, seed 0, "
+              f"on the tuning target. Test accuracy in %, mean ± "
               f"half-width of the 95% t-interval over seeds. Global-k and SpotTune-tuned-only are reported as the "
               f"plain network export_global() makes.", ""]
     lrs = chosen_lrs(out, cfg)
@@ -151,7 +152,8 @@ def write_report(out: Path, report: Path, cfg):
         plot_curves(records, figures / "curves.png")
         lines += ["## Test accuracy", ""] + strategy_table(grid, strategies) + ["",
                   "![test accuracy per cell](accuracy/accuracy.png)", "",
-                  "\"better\" / \"worse\" only where the paired 95% interval of SpotTune − fine-tuning excludes zero.", "",
+                  "\"better\" / \"worse\" only where the paired 95% interval of SpotTune − fine-tuning "
+                  "excludes zero.", "",
                   "## SpotTune's routing", ""] + usage_table(grid) + ["",
                   "## Validation curves (seed 0)", "", "![validation accuracy per epoch](accuracy/curves.png)", ""]
     diag = [json.loads(p.read_text()) for p in sorted(diagnose.glob("*.json"))] if diagnose.is_dir() else []
@@ -164,7 +166,8 @@ def write_report(out: Path, report: Path, cfg):
         lines += ["## Diagnosis", "", f"SpotTune variants on {src} → {tgt}, one setting changed at a time, "
                   "with fine-tuning and the feature extractor for reference; validation and test accuracy (%), and "
                   "the paired difference of test accuracy to the study's SpotTune.",
-                  "", "| variant | val | test | test − SpotTune (paired) | fine-tuned block uses |", "|---|---|---|---|---|"]
+                  "", "| variant | val | test | test − SpotTune (paired) | fine-tuned block uses |",
+                  "|---|---|---|---|---|"]
         for name in VARIANTS:
             recs = by_variant.get(name)
             if not recs:

@@ -15,7 +15,6 @@ once per run, by the trainer, with the checkpoint selected on validation.
 """
 import argparse
 import json
-import math
 import os
 import shlex
 import shutil
@@ -78,8 +77,8 @@ VARIANTS = {  # name: (strategy, trainer arguments changed from the study's)
     "spottune+init-tuned-none": ("spottune", ["--policy-init-tuned", "none"]),
     "spottune+init-tuned-none+tau1": ("spottune", ["--policy-init-tuned", "none", "--tau", "1"]),
     "spottune+init-tuned-none+bn-running": ("spottune", ["--policy-init-tuned", "none", "--bn-stats", "running"]),
-    "spottune+init-tuned-none+frozen-bn-train+dense": ("spottune", ["--policy-init-tuned", "none", "--frozen-bn", "train",
-                                                                     "--execution", "dense"]),
+    "spottune+init-tuned-none+frozen-bn-train+dense": (
+        "spottune", ["--policy-init-tuned", "none", "--frozen-bn", "train", "--execution", "dense"]),
 }
 
 # A handful of images and one epoch: checks the plumbing (`make test`), not the numbers.
@@ -91,7 +90,8 @@ def settings(tiny):
     if tiny:
         return {**TINY}
     return {"images_per_class": IMAGES_PER_CLASS, "eval_per_class": EVAL_PER_CLASS, "epochs": EPOCHS,
-            "batch": BATCH, "lr_grid": {k: v["lr_grid"] for k, v in SOURCES.items()}, "sources": {k: v["targets"] for k, v in SOURCES.items()},
+            "batch": BATCH, "lr_grid": {k: v["lr_grid"] for k, v in SOURCES.items()},
+            "sources": {k: v["targets"] for k, v in SOURCES.items()},
             "strategies": tuple(STRATEGIES), "seeds": None}
 
 

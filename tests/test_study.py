@@ -32,7 +32,8 @@ def test_every_run_has_a_record_with_its_command(tiny_study):
     assert {r["strategy"] for r in records} == {"spottune", "finetune", "global_k"}
     for rec in records:
         assert KEYS <= set(rec)
-        assert (tiny_study / "runs" / f"{rec['source']}__{rec['target']}__{rec['strategy']}__s{rec['seed']}.json").exists()
+        name = f"{rec['source']}__{rec['target']}__{rec['strategy']}__s{rec['seed']}.json"
+        assert (tiny_study / "runs" / name).exists()
         assert rec["command"].startswith("python -m spottune_ext.train ") and f"--seed {rec['seed']}" in rec["command"]
         assert f"--lr {rec['lr']}" in rec["command"]
         assert 0 <= rec["test_accuracy"] <= 1 and len(rec["val_curve"]) == rec["epochs"]
