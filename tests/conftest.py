@@ -21,3 +21,12 @@ def backend_devices():
 @pytest.fixture(params=backend_devices(), ids=lambda p: f"{p[0]}-{p[1]}")
 def backend_device(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: on a shared machine, one thread avoids OpenMP contention that slows them many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

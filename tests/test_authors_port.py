@@ -22,12 +22,7 @@ from spottune_ext.models.resnet26 import DecathlonResNet
 from spottune_ext.routed import RoutedBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def authors_forward(model, x, decisions):

@@ -33,12 +33,7 @@ GRAD_TOLERANCE = {"train": {torch.bfloat16: 0.3, torch.float16: 0.1},
 LOSS_SCALE = 2.0 ** 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _down(cin, cout, stride):

@@ -11,12 +11,7 @@ import torch.nn.functional as F
 import spottune_ext as st
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 STRATEGIES = {"global_k": {"k": 1, "lambda1": 2.0, "lambda2": 0.5}, "l2sp": {"alpha": 0.3, "beta": 0.2}}

@@ -18,13 +18,7 @@ from spottune_ext.models.resnet26 import ZeroPadShortcut
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: on a shared machine, one thread avoids OpenMP contention that slows them many times.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_resnext():

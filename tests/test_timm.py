@@ -19,12 +19,7 @@ from spottune_ext.models.timm_models import (RoutedTimmBasicBlock, RoutedTimmBot
                                              RoutedTimmDepthwiseSeparable, RoutedTimmInvertedResidual)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(block=BasicBlock, layers=(2, 1, 1, 1), **kwargs):
