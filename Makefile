@@ -41,16 +41,22 @@ bench-full: setup
 	$(PY) bench/report.py bench/models_$$dev.json --title "End to end, $$dev" --figure throughput_$$dev.png \
 	  --out bench/e2e_$$dev.md
 
-# bench/RESULTS.md from one run on this machine: the op and block benchmarks, then the end-to-end
-# cases the targets need, with the throughput plot (a quarter of an hour or more on 2 CPU cores, plus
-# minutes of compilation for each compiled case).
+# bench/RESULTS.md from one run on this machine: the op and block benchmarks, the end-to-end cases the
+# targets need with the throughput plot, the matrix of models and image sizes (bench/matrix.py) and the
+# profile of a grouped training step (bench/profile_step.py): the better part of an hour on 2 CPU cores,
+# with minutes of compilation for each compiled case.
 results: setup
 	$(PYTEST) bench/bench_gumbel_st.py bench/bench_route_ops.py bench/bench_routed.py -q --benchmark-json=bench/ops_run.json
 	SPOTTUNE_BENCH=targets $(PYTEST) bench/bench_models.py -q --benchmark-json=bench/models_run.json
+	SPOTTUNE_BENCH=matrix $(PYTEST) bench/bench_models.py -q --benchmark-min-rounds=3 --benchmark-json=bench/matrix_run.json
 	$(PY) bench/plot.py bench/models_run.json --out bench/throughput_cpu.png
+	$(PY) bench/matrix.py bench/matrix_run.json --figure bench/matrix_cpu.png --out bench/matrix_cpu.md
+	$(PY) bench/profile_step.py --size 64 --batch 32 --out bench/profile_cpu.md
 	$(PY) bench/report.py bench/ops_run.json bench/models_run.json --preamble bench/RESULTS_preamble.md \
 	  --title "Ops and routed blocks, CPU" --title "End to end, CPU (ResNet-50 and MobileNetV2, batch 16, 112x112)" \
-	  --figure throughput_cpu.png --out bench/RESULTS.md
+	  --figure throughput_cpu.png \
+	  --include "Image sizes and models, CPU (fraction 0.5; ratios of medians)=bench/matrix_cpu.md" \
+	  --include "Profile of a grouped training step, CPU (64x64, batch 32)=bench/profile_cpu.md" --out bench/RESULTS.md
 
 # The accuracy study (bench/study.py list shows its grid): bench/accuracy/ run records, then
 # bench/ACCURACY.md. Resumable: a run whose record exists is skipped.
@@ -58,6 +64,7 @@ accuracy: setup
 	$(PY) bench/study.py tune --jobs 2 --threads 1
 	$(PY) bench/study.py diagnose --jobs 2 --threads 1
 	$(PY) bench/study.py run --jobs 2 --threads 1
+	$(PY) bench/study.py long --jobs 2 --threads 1
 	$(PY) bench/study.py report
 
 # The C++ library for libtorch users (CMakeLists.txt), CPU kernels; a torch with CUDA support

@@ -142,7 +142,7 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.11", "torchvision>=0.26", "numpy", "pillow", "matplotlib"],
-    extras_require={"timm": ["timm>=1.0"], "data": ["scikit-learn", "tqdm"]},
+    extras_require={"timm": ["timm>=1.0"], "data": ["scikit-learn", "scipy", "tqdm"]},
     # egg-info goes to build/ too: the source tree stays as it is
     options={"bdist_wheel": {"py_limited_api": "cp39"}, "egg_info": {"egg_base": "build"}},
 )

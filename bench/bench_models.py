@@ -1,13 +1,16 @@
 """End to end: whole SpotTune models (spottune_ext.convert) against the plain model and fine-tuning.
 
 Models (random weights): torchvision resnet18, resnet50, mobilenet_v2 and spottune_ext.models.resnet26, every
-block routed, the paper's policy network. CPU: float32, batches 16 and 8 at 112x112. GPU: bf16,
-channels_last, batches 256 and 64 at 224x224.
+block routed, the default policy network (sized to its backbone, spottune_ext.convert). CPU: float32,
+batches 16 and 8 at 112x112. GPU: bf16, channels_last, batches 256 and 64 at 224x224. The "matrix"
+selection sets its own sizes and batches.
 
 Executions (the "impl" of each benchmark; one group per model, batch, routed fraction and measure):
   plain          : the pre-trained model, no routing, no policy (the floor); inference only.
   plain+policy   : the plain model plus the policy network's forward (what a routed model with all
                    images on one copy can at best cost); inference only.
+  policy         : the policy network alone: its forward (inference), its forward and backward
+                   (training step, decisions sampled as in training); "matrix" only.
   finetune       : standard fine-tuning, every parameter of the plain model trained; training only.
   dense          : SpotTune as the authors run it (execution="dense": both copies on the whole batch).
   grouped_torch  : SpotTune grouped (each image through its chosen copy only), plain-torch row ops.
@@ -36,8 +39,11 @@ Measures:
 
 Selection (SPOTTUNE_BENCH): unset = the quick pass of `make test` (resnet18, fraction 0.5, the small
 batch, 64x64 images on CPU); "targets" = what the targets below need (resnet50, the large batch, fractions 0, 0.5, 1),
-and mobilenet_v2 next to it (large batch, fraction 0.5); "full" = every model, batch, fraction and
-execution (`make bench-full`; hours on a 2-core CPU).
+and mobilenet_v2 next to it (large batch, fraction 0.5); "matrix" = the sizes SpotTune is used at: every
+model at 32x32 and 64x64 (batch 32 on CPU, 128 on GPU) and 224x224 (batch 16 on CPU, 64 on GPU), fraction
+0.5, inference and training step of plain, plain+policy, policy, finetune, dense and grouped (bench/matrix.py
+summarises it); "full" = every model, batch, fraction and execution at the default size (`make bench-full`;
+hours on a 2-core CPU).
 
 Targets (extra_info["targets"], marked by bench/report.py), resnet50, large batch, grouped vs the others:
   CPU (batch 16, 112x112): at 0.5, inference <= 0.6x dense, training step <= 0.65x dense, faster than
@@ -45,6 +51,8 @@ Targets (extra_info["targets"], marked by bench/report.py), resnet50, large batc
   (grouped+compile) <= 1.25x standard fine-tuning compiled the same way (finetune+compile).
   GPU (H200, bf16, channels_last, batch 256, 224x224): at 0.5, inference <= 0.556x dense (1.8x the
   throughput) and <= 1/0.85x plain+policy, training step <= 1/1.5x dense, peak memory <= 0.65x dense.
+  Matrix, CPU, every model and size: training step <= 0.75x dense and <= 1.35x finetune (1.25x at
+  224x224), inference <= 1.10x plain+policy, the policy's training step <= 0.10x finetune.
 
 cuDNN autotuning: grouped execution gives each routed conv a data-dependent sub-batch size, and with
 torch.backends.cudnn.benchmark on every new size would be autotuned again inside the timed steps. The
@@ -72,8 +80,8 @@ LARGE, SMALL = (256, 64) if HAS_CUDA else (16, 8)
 KERNELS = "cuda" if HAS_CUDA else "cpp"
 SEED, NUM_CLASSES = 0, 10
 SELECTION = os.environ.get("SPOTTUNE_BENCH", "quick")
-if SELECTION not in ("quick", "targets", "full"):
-    raise ValueError(f"SPOTTUNE_BENCH must be unset, 'targets' or 'full', got {SELECTION!r}")
+if SELECTION not in ("quick", "targets", "matrix", "full"):
+    raise ValueError(f"SPOTTUNE_BENCH must be unset, 'targets', 'matrix' or 'full', got {SELECTION!r}")
 if SELECTION == "quick" and not HAS_CUDA:
     SIZE = 64  # keeps `make test` short on a small CPU
 
@@ -82,6 +90,9 @@ FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, "policy")
 SPOTTUNE = {"dense": ("dense", "auto"), "grouped_torch": ("grouped", "torch"), "grouped": ("grouped", KERNELS)}
 INFERENCE_IMPLS = ["plain", "plain+policy", *SPOTTUNE]
 TRAIN_IMPLS = ["finetune", *SPOTTUNE]
+if SELECTION == "matrix":
+    INFERENCE_IMPLS = ["plain", "plain+policy", "policy", "dense", "grouped"]
+    TRAIN_IMPLS = ["finetune", "policy", "dense", "grouped"]
 COMPILE = SELECTION == "full" or (HAS_CUDA and SELECTION == "targets")
 if COMPILE:
     INFERENCE_IMPLS += [f"{impl}+compile" for impl in INFERENCE_IMPLS]
@@ -92,16 +103,30 @@ CPU_COMPILED = ({"inference": ["plain+compile", "grouped+compile"], "train": ["f
 # Compiled on the CPU: inductor's layout optimisation off (README: torch.compile, limits).
 COMPILE_OPTIONS = None if HAS_CUDA else {"layout_optimization": False}
 
+# (model, batch, image size, fraction)
 if SELECTION == "full":
-    CASES = [(m, b, f) for m in MODELS for b in (LARGE, SMALL) for f in FRACTIONS]
+    CASES = [(m, b, SIZE, f) for m in MODELS for b in (LARGE, SMALL) for f in FRACTIONS]
 elif SELECTION == "targets":
-    CASES = [("resnet50", LARGE, f) for f in (0.0, 0.5, 1.0)] + [("mobilenet_v2", LARGE, 0.5)]
+    CASES = [("resnet50", LARGE, SIZE, f) for f in (0.0, 0.5, 1.0)] + [("mobilenet_v2", LARGE, SIZE, 0.5)]
+elif SELECTION == "matrix":
+    SMALL_IMAGES, LARGE_IMAGES = (128, 64) if HAS_CUDA else (32, 16)  # batches at 32/64 px and at 224 px
+    CASES = [(m, b, s, 0.5) for m in MODELS for s, b in ((32, SMALL_IMAGES), (64, SMALL_IMAGES), (224, LARGE_IMAGES))]
 else:
-    CASES = [("resnet18", SMALL, 0.5)]
+    CASES = [("resnet18", SMALL, SIZE, 0.5)]
 
 
-def _targets(impl, measure, model, batch, fraction):
+def _targets(impl, measure, model, batch, fraction, size):
     """The targets of the grouped execution, compiled or not, in this group (see the module docstring)."""
+    if SELECTION == "matrix":
+        if HAS_CUDA:
+            return []
+        if impl == "policy" and measure == "train-step":
+            return [{"vs": "finetune", "max_ratio": 0.10}]
+        if impl == "grouped" and measure == "train-step":
+            return [{"vs": "dense", "max_ratio": 0.75}, {"vs": "finetune", "max_ratio": 1.25 if size >= 224 else 1.35}]
+        if impl == "grouped" and measure == "inference":
+            return [{"vs": "plain+policy", "max_ratio": 1.10}]
+        return []
     if impl not in ("grouped", "grouped+compile") or model != "resnet50" or batch != LARGE:
         return []
     if impl == "grouped+compile":
@@ -134,7 +159,7 @@ def no_cudnn_autotuning():
 class _Case:
     """One model at one batch size: the plain model, its SpotTune conversions (built once), the data."""
 
-    def __init__(self, model_name, batch):
+    def __init__(self, model_name, batch, size):
         torch.manual_seed(SEED)
         plain = MODELS[model_name]()
         self.plain = plain.to(DEVICE, DTYPE, memory_format=MEMORY_FORMAT).eval()
@@ -143,7 +168,7 @@ class _Case:
             torch.manual_seed(SEED)  # the same policy weights in every execution
             self.spottune[impl] = spottune_ext.convert(plain, execution=execution, backend=backend).eval()
         g = torch.Generator().manual_seed(SEED)
-        self.x = torch.randn(batch, 3, SIZE, SIZE, generator=g).to(DEVICE, DTYPE, memory_format=MEMORY_FORMAT)
+        self.x = torch.randn(batch, 3, size, size, generator=g).to(DEVICE, DTYPE, memory_format=MEMORY_FORMAT)
         self.labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(DEVICE)
         num_routed = self.spottune["grouped"].num_routed
         self.fixed = {}
@@ -155,11 +180,11 @@ class _Case:
 _CACHE = {}
 
 
-def _case(model_name, batch):
-    if (model_name, batch) not in _CACHE:
+def _case(model_name, batch, size):
+    if (model_name, batch, size) not in _CACHE:
         _CACHE.clear()  # one model in memory at a time
-        _CACHE[(model_name, batch)] = _Case(model_name, batch)
-    return _CACHE[(model_name, batch)]
+        _CACHE[(model_name, batch, size)] = _Case(model_name, batch, size)
+    return _CACHE[(model_name, batch, size)]
 
 
 def _spottune_forward(model, x, fixed):
@@ -192,6 +217,9 @@ def _inference_fn(case, impl, fraction):
     elif base == "plain+policy":
         policy = case.spottune["grouped"].policy.eval()
         fn = lambda: (case.plain(case.x), policy(case.x))  # noqa: E731
+    elif base == "policy":
+        policy = case.spottune["grouped"].policy.eval()
+        fn = lambda: policy(case.x)  # noqa: E731
     else:
         model = case.spottune[base].eval()
         fn = lambda: _spottune_forward(model, case.x, fixed)  # noqa: E731
@@ -205,6 +233,9 @@ def _train_setup(case, impl, fraction):
     if base == "finetune":
         model = copy.deepcopy(case.plain).requires_grad_(True).eval()
         forward = lambda: model(case.x)  # noqa: E731
+    elif base == "policy":  # its decisions (sampled) and their straight-through gradient into the policy
+        model = case.spottune["grouped"].policy.train()
+        forward = lambda: model(case.x)[:, :, None].expand(-1, -1, NUM_CLASSES).sum(1)  # noqa: E731
     else:
         model = case.spottune[base].train()
         forward = lambda: _spottune_forward(model, case.x, fixed)  # noqa: E731
@@ -225,10 +256,11 @@ def _train_setup(case, impl, fraction):
     return model, clear_grads, step
 
 
-def _record(benchmark, impl, measure, model_name, batch, fraction):
-    benchmark.extra_info.update(impl=impl, baseline="dense", model=model_name, batch=batch, size=SIZE,
+def _record(benchmark, impl, measure, model_name, batch, size, fraction):
+    benchmark.group = f"{model_name} {size}px b{batch} fraction {fraction}: {measure}"
+    benchmark.extra_info.update(impl=impl, baseline="dense", model=model_name, batch=batch, size=size,
                                 fraction=fraction, measure=measure, dtype=str(DTYPE).removeprefix("torch."),
-                                targets=_targets(impl, measure, model_name, batch, fraction))
+                                targets=_targets(impl, measure, model_name, batch, fraction, size))
 
 
 def _routed_fraction(case, impl, fraction):
@@ -238,15 +270,14 @@ def _routed_fraction(case, impl, fraction):
 
 
 def _cases(impls, compiled=()):
-    return [pytest.param(m, b, f, impl, id=f"{m}-b{b}-{f}-{impl}") for m, b, f in CASES
+    return [pytest.param(m, b, s, f, impl, id=f"{m}-{s}px-b{b}-{f}-{impl}") for m, b, s, f in CASES
             for impl in (*impls, *(compiled if f == 0.5 else ()))]
 
 
-@pytest.mark.parametrize("model_name, batch, fraction, impl", _cases(INFERENCE_IMPLS, CPU_COMPILED["inference"]))
-def test_inference(benchmark, model_name, batch, fraction, impl):
-    case = _case(model_name, batch)
-    benchmark.group = f"{model_name} b{batch} fraction {fraction}: inference"
-    _record(benchmark, impl, "inference", model_name, batch, fraction)
+@pytest.mark.parametrize("model_name, batch, size, fraction, impl", _cases(INFERENCE_IMPLS, CPU_COMPILED["inference"]))
+def test_inference(benchmark, model_name, batch, size, fraction, impl):
+    case = _case(model_name, batch, size)
+    _record(benchmark, impl, "inference", model_name, batch, size, fraction)
     fn = _inference_fn(case, impl, fraction)
 
     def run():
@@ -257,18 +288,17 @@ def test_inference(benchmark, model_name, batch, fraction, impl):
     with torch.no_grad():
         run()  # warm-up (and compilation)
         out = benchmark(run)
-    logits = out[0] if impl.startswith("plain+policy") else out
+    logits = out[0] if impl.startswith("plain+policy") else out  # the policy alone: its decisions
     assert logits.shape[0] == batch and torch.isfinite(logits.float()).all()
     benchmark.extra_info["routed_fraction"] = _routed_fraction(case, impl, fraction)
     if benchmark.stats is not None:
         benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
 
 
-@pytest.mark.parametrize("model_name, batch, fraction, impl", _cases(TRAIN_IMPLS, CPU_COMPILED["train"]))
-def test_train_step(benchmark, model_name, batch, fraction, impl):
-    case = _case(model_name, batch)
-    benchmark.group = f"{model_name} b{batch} fraction {fraction}: train-step"
-    _record(benchmark, impl, "train-step", model_name, batch, fraction)
+@pytest.mark.parametrize("model_name, batch, size, fraction, impl", _cases(TRAIN_IMPLS, CPU_COMPILED["train"]))
+def test_train_step(benchmark, model_name, batch, size, fraction, impl):
+    case = _case(model_name, batch, size)
+    _record(benchmark, impl, "train-step", model_name, batch, size, fraction)
     model, clear_grads, step = _train_setup(case, impl, fraction)
 
     def run():
@@ -284,11 +314,11 @@ def test_train_step(benchmark, model_name, batch, fraction, impl):
         benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
 
 
-@pytest.mark.parametrize("model_name, batch, fraction, impl", _cases(TRAIN_IMPLS))
-def test_train_step_peak_memory(benchmark, model_name, batch, fraction, impl):
-    case = _case(model_name, batch)
-    benchmark.group = f"{model_name} b{batch} fraction {fraction}: train-memory"
-    _record(benchmark, impl, "train-memory", model_name, batch, fraction)
+@pytest.mark.parametrize("model_name, batch, size, fraction, impl",
+                         [] if SELECTION == "matrix" else _cases(TRAIN_IMPLS))
+def test_train_step_peak_memory(benchmark, model_name, batch, size, fraction, impl):
+    case = _case(model_name, batch, size)
+    _record(benchmark, impl, "train-memory", model_name, batch, size, fraction)
     model, clear_grads, step = _train_setup(case, impl, fraction)
     clear_grads()
     step()  # warm-up: one-time allocations (and compilation) are not the step's

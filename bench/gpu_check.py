@@ -19,6 +19,7 @@ timeout still leaves what it did):
   bench-ops      bench/bench_gumbel_st.py, bench_route_ops.py, bench_routed.py
   bench-models   bench/bench_models.py at the targets' settings, eager variants
   bench-compile  bench/bench_models.py at the targets' settings, compiled variants
+  bench-matrix   bench/bench_models.py's matrix (every model at 32, 64 and 224 px) and its summary
   report         gpu_report.md from the benchmark JSON files present
 
 A step runs in its own process group, killed at --timeout (default 480 s); the build takes the
@@ -38,7 +39,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("build", "tests", "suite-1", "suite-2", "amp-compile", "ceilings", "bench-ops", "bench-models",
-         "bench-compile", "report")
+         "bench-compile", "bench-matrix", "report")
 GPU_TESTS = "cuda or triton or autocast or compile or amp"
 
 
@@ -138,11 +139,11 @@ def _pytest(*args):
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
 
 
-def _bench(check, step, files, env, select=None):
+def _bench(check, step, files, env, select=None, selection="targets"):
     out_json = os.path.join(check.out, f"{step}.json")
     cmd = _pytest(*files, *(["-k", select] if select else []), "--benchmark-max-time=0.2",
                   "--benchmark-min-rounds=5", f"--benchmark-json={out_json}")
-    return check.run(step, cmd, dict(env, SPOTTUNE_BENCH="targets"))
+    return check.run(step, cmd, dict(env, SPOTTUNE_BENCH=selection))
 
 
 def main():
@@ -204,6 +205,11 @@ def main():
             _bench(check, step, ["bench/bench_models.py"], env, "not compile")
         elif step == "bench-compile":
             _bench(check, step, ["bench/bench_models.py"], env, "compile and not memory")
+        elif step == "bench-matrix":
+            if not _bench(check, step, ["bench/bench_models.py"], env, selection="matrix"):
+                check.run("matrix-summary", [sys.executable, os.path.join(ROOT, "bench", "matrix.py"),
+                                             os.path.join(check.out, f"{step}.json"), "--out",
+                                             os.path.join(check.out, "matrix_gpu.md")], env)
         elif step == "report":
             sys.path.insert(0, os.path.join(ROOT, "bench"))
             import report
@@ -214,6 +220,10 @@ def main():
                 if os.path.exists(path):
                     with open(path) as f:
                         parts.append(report.render(json.load(f), f"{name}, {env_info['gpu']}, torch {env_info['torch']}"))
+            matrix = os.path.join(check.out, "matrix_gpu.md")
+            if os.path.exists(matrix):
+                with open(matrix) as f:
+                    parts.append(f"## Image sizes and models, {env_info['gpu']}\n\n{f.read()}")
             with open(os.path.join(check.out, "gpu_report.md"), "w") as f:
                 f.write("\n\n".join(parts))
             check.record("report", files=len(parts))

@@ -1,6 +1,7 @@
 """Turns a pytest-benchmark JSON run into the markdown of bench/RESULTS.md.
 
-    python bench/report.py RUN.json [RUN2.json ...] [--title T ...] [--preamble FILE] [--out bench/RESULTS.md]
+    python bench/report.py RUN.json [RUN2.json ...] [--title T ...] [--preamble FILE] [--include TITLE=FILE ...]
+        [--out bench/RESULTS.md]
 
 Every number in the output comes from the run. Each benchmark carries in extra_info its
 implementation name ("impl") and the group's baseline ("baseline"); a benchmark may also declare
@@ -76,6 +77,8 @@ def main():
     parser.add_argument("--out", help="write here instead of printing")
     parser.add_argument("--figure", action="append", default=[],
                         help="link this image (path as written in the report) after the last section")
+    parser.add_argument("--include", action="append", default=[], metavar="TITLE=FILE",
+                        help="a section made of a markdown file another script wrote, after the benchmark sections")
     args = parser.parse_args()
     titles = args.title + [f"Benchmarks {i + 1}" for i in range(len(args.title), len(args.json))]
     parts = []
@@ -85,6 +88,10 @@ def main():
     for i, (path, title) in enumerate(zip(args.json, titles)):
         with open(path) as f:
             parts.append(render(json.load(f), title, args.figure if i == len(args.json) - 1 else ()))
+    for item in args.include:
+        title, _, path = item.partition("=")
+        with open(path) as f:
+            parts.append(f"## {title}\n\n{f.read().rstrip()}\n")
     text = "\n".join(parts)
     if args.out:
         tmp = args.out + ".tmp"

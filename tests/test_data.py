@@ -14,7 +14,7 @@ from spottune_ext.data import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, ArrayImage
                                build_datasets, cap_per_class, merge_train_val, preprocess, read_idx,
                                stratified_split)
 from spottune_ext.data import builtin
-from spottune_ext.metrics import DECATHLON_BASELINE_ACCURACY, decathlon_domain_scores, decathlon_score
+from spottune_ext.metrics import DECATHLON_BASELINE_ACCURACY, decathlon_domain_scores, decathlon_score, mean_interval
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -540,3 +540,13 @@ def test_decathlon_score_errors():
         decathlon_score({"b": 0.1}, {"a": 0.2})
     with pytest.raises(ValueError, match="baseline error for 'a' is 0"):
         decathlon_score({"a": 0.1}, {"a": 0.0})
+
+
+def test_mean_interval_is_the_student_t_interval():
+    mean, half = mean_interval([0.8, 0.9])
+    assert mean == pytest.approx(0.85) and half == pytest.approx(12.7062 * 0.0707107 / 2 ** 0.5, rel=1e-4)
+    mean, half = mean_interval([1.0, 2.0, 3.0, 4.0, 5.0], level=0.9)
+    assert mean == 3 and half == pytest.approx(2.13185 * 1.58114 / 5 ** 0.5, rel=1e-4)
+    assert mean_interval([0.5])[0] == 0.5 and mean_interval([0.5])[1] != mean_interval([0.5])[1]  # nan
+    with pytest.raises(ValueError, match="no values"):
+        mean_interval([])

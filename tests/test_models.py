@@ -122,8 +122,8 @@ def test_parameter_counts(name):
     head_in = [m for m in head.modules() if isinstance(m, nn.Linear)][-1].in_features
     converted = st.convert(model, num_classes=7)
     new_plain = plain - count(head.parameters()) + head_in * 7 + 7
-    widths = {"resnet26": (64, 128, 256), "mobilenet_v2": (32, 64, 128)}.get(name, (64, 128, 256, 512))
-    policy = policy_param_count(len(blocks), widths)
+    widths, stem = {"mobilenet_v2": ((16, 32), 16)}.get(name, ((32, 64), 32))  # the sized policy
+    policy = policy_param_count(len(blocks), widths, stem)
     counts = st.models.parameter_counts(converted)
     assert counts == {"total": new_plain + block_params + policy, "trainable": block_params + head_in * 7 + 7 + policy,
                       "shipped": new_plain + block_params + policy, "policy": policy}
@@ -160,7 +160,9 @@ def test_adaptive_blocks_decathlon_setting():
     assert not any(p.requires_grad for p in converted.backbone.layer1.parameters())
     by_predicate = st.convert(model, adaptive_blocks=lambda i, name: not name.startswith("layer1"))
     assert by_predicate.routed_names == converted.routed_names
-    assert converted.policy.widths == (64, 128, 256)
+    assert (converted.policy.widths, converted.policy.input_scale) == ((32, 64), 0.5)
+    paper = st.convert(model, adaptive_blocks=range(4, 12), policy="paper").policy
+    assert (paper.widths, paper.stem_width, paper.input_scale, paper.input_size) == ((64, 128, 256), 32, None, None)
 
 
 def test_real_builders_are_supported():
@@ -288,6 +290,40 @@ def test_policy_input_size_and_cost():
     x = torch.randn(2, 3, 64, 64)
     small = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
     assert torch.equal(policy.logits(x), policy.logits(small))
+
+
+def test_policy_input_scale():
+    policy = st.PolicyNet(4, widths=(8, 16), stem_width=8, input_scale=0.5).eval()
+    same = st.PolicyNet(4, widths=(8, 16), stem_width=8).eval()
+    same.load_state_dict(policy.state_dict())
+    x = torch.randn(2, 3, 40, 24)
+    half = F.interpolate(x, size=(20, 12), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(policy.logits(x), same.logits(half))
+    assert policy.config()["input_scale"] == 0.5 and st.PolicyNet(**policy.config()).input_scale == 0.5
+    for bad in (0, 1.5, -0.5, True, "0.5"):
+        with pytest.raises(ValueError, match="input_scale must be a number in"):
+            st.PolicyNet(4, input_scale=bad)
+    with pytest.raises(ValueError, match="input_size or input_scale, not both"):
+        st.PolicyNet(4, input_size=16, input_scale=0.5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "resnet26"])
+def test_sized_policy_is_a_small_share_of_the_backbone(name):
+    """The default policy's forward costs at most about 10 % of the backbone's (FLOPs; the ratio does not depend on
+    the image size), the paper's far more."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, _ = build(name)
+
+    def flops(module, x):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module.eval()(x)
+        return counter.get_total_flops()
+
+    x = torch.randn(1, 3, 64, 64)
+    backbone = flops(model, x)
+    sized, paper = st.convert(model).policy, st.convert(model, policy="paper").policy
+    assert sized.input_scale == 0.5 and paper.input_scale is None
+    assert flops(sized, x) <= 0.105 * backbone < flops(paper, x)
 
 
 def test_policy_temperature_annealing_and_state():
@@ -727,8 +763,10 @@ def test_error_paths():
         st.convert(model, policy=st.PolicyNet(3))
     with pytest.raises(ValueError, match="tau is set on the PolicyNet"):
         st.convert(model, policy=st.PolicyNet(12), tau=2.0)
-    with pytest.raises(TypeError, match="policy must be None, a dict"):
+    with pytest.raises(ValueError, match="policy must be 'sized', 'paper', a dict"):
         st.convert(model, policy="small")
+    with pytest.raises(TypeError, match="policy must be None, 'sized', 'paper', a dict"):
+        st.convert(model, policy=3)
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         st.convert(model, num_classes=0)
     with pytest.raises(ValueError, match="execution must be"):

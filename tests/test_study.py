@@ -64,3 +64,13 @@ def test_grid_lists_its_settings():
     proc = subprocess.run([*STUDY, "list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "mnv2-imagenet" in proc.stdout and "5 seeds" in proc.stdout and "global_k" in proc.stdout
+
+
+def test_recipes_learning_rates_are_the_ones_the_study_chose():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import study
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from spottune_ext.train import recipes
+    assert study.chosen_lrs(study.OUT, study.settings(False)) == recipes.LEARNING_RATES

@@ -336,17 +336,52 @@ def test_demo_refuses_a_source_model_that_is_not_the_recorded_one(tmp_path, monk
 
 def test_demo_quick_runs_every_step(tmp_path):
     from spottune_ext import demo
-    demo.main(["--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path)])
+    demo.main(["--quick", "--seeds", "2", "--no-progress", "--threads", "1", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    rows = summary["rows"]
-    assert [(r["source"], r["strategy"]) for r in rows] == [
-        (s[0], t[0]) for s in demo.SOURCES for t in demo.STRATEGIES]
+    runs, rows = summary["runs"], summary["rows"]
+    assert [(r["source"], r["strategy"], r["seed"]) for r in runs] == [
+        (s[0], t[0], seed) for s in demo.SOURCES for t in demo.STRATEGIES for seed in (0, 1)]
+    for run in runs:
+        assert run["train_split"] == "train" and 0 <= run["test_accuracy"] <= 1
+        routed = run["strategy"] == "SpotTune"
+        assert bool(run["plots"]) == routed and all(is_png(p) for p in run["plots"])
+        assert Path(run["out"]) == tmp_path / dict(demo.SOURCES)[run["source"]] / dict(demo.STRATEGIES)[
+            run["strategy"]] / f"s{run['seed']}"
+    assert [(r["source"], r["strategy"]) for r in rows] == [(s[0], t[0]) for s in demo.SOURCES for t in demo.STRATEGIES]
     for row in rows:
-        assert row["train_split"] == "train" and 0 <= row["test_accuracy"] <= 1 and row["images_per_s_grouped"] > 0
+        accs = [r["test_accuracy"] for r in runs if (r["source"], r["strategy"]) == (row["source"], row["strategy"])]
+        mean, half = row["test_accuracy"]
+        assert row["seeds"] == 2 and mean == pytest.approx(sum(accs) / 2) and half >= 0
         routed = row["strategy"] == "SpotTune"
-        assert (row["images_per_s_dense"] is not None) == routed and bool(row["plots"]) == routed
-        assert all(is_png(p) for p in row["plots"])
-    assert "QUICK SETUP CHECK" in (tmp_path / "summary.md").read_text()
+        assert row["images_per_s_grouped"] > 0 and (row["images_per_s_dense"] is not None) == routed
+        assert ("minus_finetune" in row) == routed
+    text = (tmp_path / "summary.md").read_text()
+    assert "QUICK SETUP CHECK" in text and "95% t-interval over seeds 0 to 1" in text
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], ((32, 64), 32, 0.5, None)),
+    (["--policy-size", "paper"], ((64, 128, 256), 32, None, None)),
+    (["--policy-widths", "32", "--policy-input-scale", "0.25"], ((32,), 32, 0.25, None)),
+    (["--policy-stem-width", "16", "--policy-input-size", "24"], ((64, 128, 256), 16, None, 24)),
+])
+def test_policy_flags_pick_or_describe_the_policy(argv, expected):
+    from spottune_ext.models import resnet26
+    from spottune_ext.train.model import build_model
+    args = train.parse_args(["--arch", "resnet26", "--data", "digits", "--out", "unused"] + argv)
+    policy = build_model(args, resnet26(10), 10).policy
+    assert (policy.widths, policy.stem_width, policy.input_scale, policy.input_size) == expected
+
+
+def test_demo_runs_the_recipes_of_the_study():
+    from spottune_ext import demo
+    from spottune_ext.train import recipes
+    argv = recipes.arguments("mnv2-imagenet", "spottune", demo.TARGET, 0.001, 4)
+    args = train.parse_args(argv + ["--out", "unused"])
+    assert (args.max_per_class, args.max_eval_per_class, args.epochs, args.batch_size, args.image_size) == (
+        recipes.IMAGES_PER_CLASS, recipes.EVAL_PER_CLASS, recipes.EPOCHS, recipes.BATCH, 32)
+    assert args.policy_widths == [32, 64] and args.seed == 4 and args.lr == 0.001
+    assert {s for _, s in demo.SOURCES} == set(recipes.SOURCES)
 
 
 def test_tensorboard_is_optional(tmp_path, capsys, monkeypatch):

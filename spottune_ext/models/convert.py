@@ -202,7 +202,7 @@ class _Attached:
         self.extra = None
 
 
-def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[None, Dict, PolicyNet] = None,
+def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[None, str, Dict, PolicyNet] = None,
             adaptive_blocks: AdaptiveBlocks = None, strategy: Union[str, Strategy] = "spottune",
             tau: Optional[float] = None, *, execution: str = "grouped", backend: str = "auto",
             frozen_bn: str = "eval", bn_stats: str = "batch", attach_extra_loss: bool = True,
@@ -218,9 +218,12 @@ def convert(model: nn.Module, num_classes: Optional[int] = None, policy: Union[N
         model: a torchvision ResNet (resnet18 ... resnet152, wide_resnet*, resnext*), a torchvision
             MobileNetV2 or a spottune_ext resnet26; anything else raises a TypeError listing these.
         num_classes: replace the classifier by a new nn.Linear with this many outputs (None keeps it).
-        policy: for strategies with a learned policy: None (the paper's policy: blocks of 64/128/256/512
-            channels for ResNets, 64/128/256 for resnet26; 32/64/128 for MobileNetV2), a dict of PolicyNet
-            arguments (e.g. {"input_size": 112}), or a PolicyNet.
+        policy: for strategies with a learned policy: None or "sized" (the default: a policy sized to its
+            backbone, reading the image at half resolution: blocks of 32/64 channels for ResNets, 16/32 for
+            MobileNetV2, a few per cent of the backbone's compute), "paper" (the paper's: 64/128/256/512
+            channels, 64/128/256 for resnet26, 32/64/128 for MobileNetV2, at full resolution), a dict of
+            PolicyNet arguments (e.g. {"input_size": 112}; PolicyNet's defaults fill in the rest, the
+            widths those of "paper"), or a PolicyNet.
         adaptive_blocks: the blocks the strategy may fine-tune, as indices into the backbone's blocks
             in forward order, or a predicate f(index, name) -> bool; the others stay frozen. None = all.
             The paper's Visual Decathlon setting is range(4, 12) on resnet26 (first stage frozen).
@@ -342,16 +345,24 @@ def _make_policy(policy, num_routed: int, tau: Optional[float], family: families
         if policy.num_blocks != num_routed:
             raise ValueError(f"the PolicyNet given decides {policy.num_blocks} blocks but {num_routed} are routed")
         return copy.deepcopy(policy)
-    if policy is not None and not isinstance(policy, dict):
-        raise TypeError(f"policy must be None, a dict of PolicyNet arguments or a PolicyNet, got {type(policy).__name__}")
-    kwargs = dict(policy or {})
+    if isinstance(policy, str):
+        if policy not in ("sized", "paper"):
+            raise ValueError(f"policy must be 'sized', 'paper', a dict of PolicyNet arguments or a PolicyNet, "
+                             f"got {policy!r}")
+        kwargs = family.policy_defaults(policy)
+    elif policy is None:
+        kwargs = family.policy_defaults("sized")
+    elif isinstance(policy, dict):
+        kwargs = {"widths": family.paper_policy_widths, **policy}
+    else:
+        raise TypeError(f"policy must be None, 'sized', 'paper', a dict of PolicyNet arguments or a PolicyNet, "
+                        f"got {type(policy).__name__}")
     if kwargs.setdefault("num_blocks", num_routed) != num_routed:
         raise ValueError(f"policy num_blocks={kwargs['num_blocks']} but {num_routed} blocks are routed")
     if tau is not None:
         if "tau" in kwargs:
             raise ValueError("tau given twice (argument and policy dict)")
         kwargs["tau"] = tau
-    kwargs.setdefault("widths", family.policy_widths)
     return PolicyNet(**kwargs)
 
 

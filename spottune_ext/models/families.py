@@ -31,8 +31,22 @@ class Family:
 
     name = ""
     model_class: type = nn.Module
-    policy_widths = (64, 128, 256, 512)  # default PolicyNet widths for this family
+    # The policy network convert() builds: "sized" (the default) costs a few per cent of the backbone's
+    # compute (bench/RESULTS.md), reading the image at half resolution as BlockDrop's policy does;
+    # "paper" is the paper's (64/128/256/512 channels for ResNet-50, reading the full image). A dict of
+    # PolicyNet arguments given to convert() takes its widths from "paper".
+    policy_widths, policy_stem_width, policy_input_scale = (32, 64), 32, 0.5
+    paper_policy_widths = (64, 128, 256, 512)
     archs: Tuple[str, ...] = ()  # the constructors (torchvision.models.get_model names) of this family
+
+    def policy_defaults(self, size: str = "sized") -> dict:
+        """PolicyNet arguments of this family's "sized" (default) or "paper" policy network."""
+        if size == "sized":
+            return {"widths": self.policy_widths, "stem_width": self.policy_stem_width,
+                    "input_scale": self.policy_input_scale}
+        if size == "paper":
+            return {"widths": self.paper_policy_widths, "stem_width": 32, "input_scale": None}
+        raise ValueError(f"policy size must be 'sized' or 'paper', got {size!r}")
 
     def arch_of(self, model: nn.Module) -> str:
         """The constructor name of `model`, or the family's name when none matches."""
@@ -137,8 +151,10 @@ class MobileNetV2Family(Family):
     name = "mobilenet_v2"
     model_class = MobileNetV2
     archs = ("mobilenet_v2",)
-    # The ResNet-50 policy would cost 9x a MobileNetV2 at 224x224 (2.8 vs 0.3 GMACs); this one 0.62.
-    policy_widths = (32, 64, 128)
+    # Even the ResNets' sized policy would cost 0.37x a MobileNetV2's compute; this one 0.10x. The paper
+    # has no MobileNetV2: its ResNet-50 policy would cost 9x one (2.8 vs 0.3 GMACs at 224x224), 32/64/128 1.9x.
+    policy_widths, policy_stem_width = (16, 32), 16
+    paper_policy_widths = (32, 64, 128)
 
     def blocks(self, model):
         self.check_forward(model, "forward", "_forward_impl")
@@ -194,7 +210,7 @@ class MobileNetV2Family(Family):
 class ResNet26Family(Family):
     name = "resnet26"
     model_class = DecathlonResNet
-    policy_widths = (64, 128, 256)
+    paper_policy_widths = (64, 128, 256)
     archs = ("resnet26",)
 
     def total_stride(self, model):

@@ -33,6 +33,8 @@ class PolicyNet(nn.Module):
         input_size: if given, the image is resized (bilinear, antialiased) to input_size x input_size
             before the policy reads it, which makes the policy cheaper; None reads the image as it is
             (the authors' choice).
+        input_scale: or the image is resized by this factor in (0, 1] (0.5: half resolution, as
+            BlockDrop's policy reads it); not together with input_size.
         tau: Gumbel-softmax temperature (the authors use 5 and never anneal it); tau and tau_min must be
             at least 1 / (the largest float32) ~ 2.9e-39, so that 1 / tau is finite in float32.
         tau_decay, tau_min: optional exponential annealing: every anneal() call multiplies tau by
@@ -51,14 +53,18 @@ class PolicyNet(nn.Module):
 
     The temperature is part of the state dict (extra state), so a checkpoint resumes annealing where it was.
 
-    Its cost counts: at 224x224 the ResNet-50 policy (64/128/256/512) takes 2.8 GMACs, ResNet-50 itself 4.1;
-    with input_size=112 it takes 0.7. The ResNet-26 policy on 72x72 Decathlon images takes 0.22 GMACs
-    (ResNet-26: 1.08). (torch.utils.flop_counter, batch of one.)
+    Its cost counts: at 224x224 the paper's ResNet-50 policy (64/128/256/512) takes 2.8 GMACs, ResNet-50
+    itself 4.1; with input_size=112 it takes 0.7. The ResNet-26 policy on 72x72 Decathlon images takes
+    0.22 GMACs (ResNet-26: 1.08). convert() builds a policy sized to its backbone unless told otherwise
+    (families.Family.policy_defaults): widths 32/64 at half resolution cost 0.027x a ResNet-50's
+    compute and 0.062x a ResNet-18's, widths 16/32 (stem 16) at half resolution 0.10x a MobileNetV2's,
+    at any image size. (torch.utils.flop_counter, batch of one.)
     """
 
     def __init__(self, num_blocks: int, widths: Sequence[int] = (64, 128, 256, 512), input_size: Optional[int] = None,
                  tau: float = 5.0, tau_decay: float = 1.0, tau_min: float = 0.5, sample_in_eval: bool = False,
-                 backend: str = "auto", stem_width: int = 32, init_tuned: Optional[float] = 0.9) -> None:
+                 backend: str = "auto", stem_width: int = 32, init_tuned: Optional[float] = 0.9,
+                 input_scale: Optional[float] = None) -> None:
         super().__init__()
         num_blocks = _positive_int("num_blocks", num_blocks, "a positive int (the number of routed blocks)")
         tau, tau_min = _checks.tau("PolicyNet", tau, "tau"), _checks.tau("PolicyNet", tau_min, "tau_min")
@@ -69,6 +75,12 @@ class PolicyNet(nn.Module):
             raise ValueError(f"PolicyNet: init_tuned must be a number in (0, 1) or None, got {init_tuned!r}")
         if input_size is not None:
             input_size = _positive_int("input_size", input_size, "a positive int or None")
+        if input_scale is not None:
+            if isinstance(input_scale, bool) or not isinstance(input_scale, numbers.Real) or not 0 < input_scale <= 1:
+                raise ValueError(f"PolicyNet: input_scale must be a number in (0, 1] or None, got {input_scale!r}")
+            if input_size is not None:
+                raise ValueError("PolicyNet: give input_size or input_scale, not both")
+            input_scale = float(input_scale)
         if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
             raise ValueError(f"PolicyNet: widths must be a non-empty sequence of positive ints, got {widths!r}")
         widths = tuple(_positive_int("every width", w) for w in widths)
@@ -76,7 +88,7 @@ class PolicyNet(nn.Module):
         if not isinstance(sample_in_eval, bool):
             raise TypeError(f"PolicyNet: sample_in_eval must be a bool, got {type(sample_in_eval).__name__}")
         backends.check_name(backend, "PolicyNet")
-        self.num_blocks, self.widths, self.input_size = num_blocks, widths, input_size
+        self.num_blocks, self.widths, self.input_size, self.input_scale = num_blocks, widths, input_size, input_scale
         self.tau, self.tau_decay, self.tau_min = tau, float(tau_decay), tau_min
         self.sample_in_eval, self.backend = sample_in_eval, backend
         self.last_mode: Optional[str] = None
@@ -94,6 +106,8 @@ class PolicyNet(nn.Module):
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                               antialias=True)
+        elif self.input_scale is not None and self.input_scale != 1:
+            x = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False, antialias=True)
         return self.net(x).view(x.shape[0], self.num_blocks, 2)
 
     def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -120,10 +134,12 @@ class PolicyNet(nn.Module):
 
     def config(self) -> dict:
         return {"num_blocks": self.num_blocks, "widths": list(self.widths), "input_size": self.input_size,
+                "input_scale": self.input_scale,
                 "tau": self.tau, "tau_decay": self.tau_decay, "tau_min": self.tau_min,
                 "sample_in_eval": self.sample_in_eval, "backend": self.backend, "stem_width": self.stem_width,
                 "init_tuned": self.init_tuned}
 
     def extra_repr(self) -> str:
-        return (f"num_blocks={self.num_blocks}, input_size={self.input_size}, tau={self.tau:g}, "
+        return (f"num_blocks={self.num_blocks}, widths={self.widths}, input_size={self.input_size}, "
+                f"input_scale={self.input_scale}, tau={self.tau:g}, "
                 f"tau_decay={self.tau_decay:g}, sample_in_eval={self.sample_in_eval}")

@@ -220,7 +220,7 @@ class TimmResNetFamily(_TimmFamily):
 class TimmEfficientNetFamily(_TimmFamily):
     name = "timm_efficientnet"
     model_class = EfficientNet
-    policy_widths = (32, 64, 128)  # as torchvision's MobileNetV2
+    policy_widths, policy_stem_width, paper_policy_widths = (16, 32), 16, (32, 64, 128)  # as torchvision's MobileNetV2
 
     def blocks(self, model):
         self.check_forward(model, "forward", "forward_features", "forward_head")

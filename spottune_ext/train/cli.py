@@ -122,9 +122,16 @@ def build_parser():
                    help="other strategy options, e.g. k=2 (finetune_last_k), alpha=0.01 (l2sp)")
     m.add_argument("--tau", type=_tau,
                    help="Gumbel-softmax temperature of the policy (default 5; 1/tau must be finite in float32)")
-    m.add_argument("--policy-widths", type=POSITIVE_INT, nargs="+", help="channels of the policy network's blocks")
+    m.add_argument("--policy-size", choices=("sized", "paper"),
+                   help="the policy network: sized to the backbone, reading images at half resolution (default), "
+                        "or the paper's, at full resolution")
+    m.add_argument("--policy-widths", type=POSITIVE_INT, nargs="+",
+                   help="channels of the policy network's blocks (this and the next three describe the policy "
+                        "instead of --policy-size: unset ones take PolicyNet's defaults, widths the paper's)")
     m.add_argument("--policy-stem-width", type=POSITIVE_INT, help="channels of the policy network's stem (default 32)")
     m.add_argument("--policy-input-size", type=POSITIVE_INT, help="resize images to this size for the policy network")
+    m.add_argument("--policy-input-scale", type=_number(float, 0, 1, low_open=True), metavar="S",
+                   help="or resize images by this factor in (0, 1] for the policy network")
     m.add_argument("--policy-init-tuned", type=_init_tuned, metavar="P",
                    help="a fresh policy sends each image to a fine-tuned copy with probability about P "
                         "(default 0.9); none: the paper's unbiased start")
@@ -212,12 +219,17 @@ def validate(args):
     if args.global_k is not None or args.lambda1 is not None or args.lambda2 is not None:
         if args.strategy != "global_k":
             raise UsageError("--global-k, --lambda1 and --lambda2 go with --strategy global_k")
-    if not STRATEGIES[args.strategy].uses_policy and (args.tau is not None or args.policy_widths
-                                                      or args.policy_input_size or args.policy_stem_width
+    shape = args.policy_widths or args.policy_stem_width or args.policy_input_size or args.policy_input_scale
+    if not STRATEGIES[args.strategy].uses_policy and (args.tau is not None or shape or args.policy_size
                                                       or args.eval_sample or args.policy_init_tuned is not None):
-        raise UsageError(f"strategy {args.strategy!r} has no learned policy: --tau, --policy-widths, "
-                         f"--policy-stem-width, --policy-input-size, --policy-init-tuned and --eval-sample "
-                         f"do not apply")
+        raise UsageError(f"strategy {args.strategy!r} has no learned policy: --tau, --policy-size, --policy-widths, "
+                         f"--policy-stem-width, --policy-input-size, --policy-input-scale, --policy-init-tuned and "
+                         f"--eval-sample do not apply")
+    if args.policy_size and shape:
+        raise UsageError("--policy-size picks a policy network; --policy-widths, --policy-stem-width, "
+                         "--policy-input-size and --policy-input-scale describe one: give one or the other")
+    if args.policy_input_size and args.policy_input_scale:
+        raise UsageError("give --policy-input-size or --policy-input-scale, not both")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)")
     device = check_device(args.device)

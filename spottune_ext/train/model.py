@@ -77,13 +77,12 @@ def build_model(args, backbone, num_classes):
     """convert() of the backbone as --strategy and the policy flags say."""
     policy = None
     if STRATEGIES[args.strategy].uses_policy:
-        policy = {"sample_in_eval": args.eval_sample}
-        if args.policy_widths:
-            policy["widths"] = args.policy_widths
-        if args.policy_input_size:
-            policy["input_size"] = args.policy_input_size
-        if args.policy_stem_width:
-            policy["stem_width"] = args.policy_stem_width
+        # flags that shape the policy describe it over PolicyNet's defaults; without them, a preset
+        shape = {key: value for key, value in (("widths", args.policy_widths), ("stem_width", args.policy_stem_width),
+                                               ("input_size", args.policy_input_size),
+                                               ("input_scale", args.policy_input_scale)) if value}
+        policy = shape or family_of(backbone).policy_defaults(args.policy_size or "sized")
+        policy["sample_in_eval"] = args.eval_sample
         if args.policy_init_tuned is not None:
             policy["init_tuned"] = None if args.policy_init_tuned == "none" else args.policy_init_tuned
     blocks = len(family_of(backbone).blocks(backbone))
@@ -112,11 +111,12 @@ def check_image_size(net, args, device):
         raise UsageError(f"--image-size {args.image_size} is too small for {args.arch}: it downsamples by {stride}, "
                          f"so images must be at least {stride}x{stride}")
     if net.policy is not None:
-        size = net.policy.input_size or args.image_size
+        size = net.policy.input_size or int(args.image_size * (net.policy.input_scale or 1))
         policy_stride = 2 ** len(net.policy.widths)
         if size < policy_stride:
             raise UsageError(f"the policy network downsamples by {policy_stride} and reads {size}x{size} images; "
-                             f"raise --image-size or --policy-input-size to at least {policy_stride}")
+                             f"raise --image-size or --policy-input-size (or --policy-input-scale) so that it "
+                             f"reads at least {policy_stride}x{policy_stride}")
     was_training = net.training
     net.eval()
     try:
