@@ -118,7 +118,7 @@ def plot_curves(records, path, strategies=("spottune", "finetune", "feature_extr
 
 
 def write_report(out: Path, report: Path, cfg):
-    from study import LONG_EPOCHS, SEARCH, STRATEGIES, VARIANTS, chosen_lrs
+    from study import LONG, SEARCH, STRATEGIES, VARIANTS, chosen_lrs
 
     runs, diagnose = out / "runs", out / "diagnose"
     records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
@@ -149,15 +149,18 @@ def write_report(out: Path, report: Path, cfg):
                   "excludes zero.", "",
                   "## SpotTune's routing", ""] + usage_table(grid) + ["",
                   "## Validation curves (seed 0)", "", "![validation accuracy per epoch](accuracy/curves.png)", ""]
-    long_records = [json.loads(p.read_text()) for p in sorted((out / "long").glob("*.json"))]
-    if long_records:
+    for epochs, folder in LONG.items():
+        long_records = [json.loads(p.read_text()) for p in sorted((out / folder).glob("*.json"))]
+        if not long_records:
+            continue
         long_grid = cells(long_records)
-        plot_curves(long_records, figures / "curves_long.png", strategies=("spottune", "finetune"))
-        lines += [f"## Trained twice as long ({LONG_EPOCHS} epochs)", "",
-                  f"SpotTune and fine-tuning as in the table above, {LONG_EPOCHS} epochs instead of "
+        figure = f"curves_{folder}.png"
+        plot_curves(long_records, figures / figure, strategies=("spottune", "finetune"))
+        lines += [f"## Trained longer ({epochs} epochs)", "",
+                  f"SpotTune and fine-tuning as in the table above, {epochs} epochs instead of "
                   f"{cfg['epochs']}, the same learning rates; test accuracy (%).", ""]
         lines += strategy_table(long_grid, ["spottune", "finetune"]) + ["", ""] + usage_table(long_grid) + [
-            "", "![validation accuracy per epoch](accuracy/curves_long.png)", ""]
+            "", f"![validation accuracy per epoch](accuracy/{figure})", ""]
     diag = [json.loads(p.read_text()) for p in sorted(diagnose.glob("*.json"))] if diagnose.is_dir() else []
     if diag:
         by_variant = {}

@@ -4,11 +4,11 @@
     python bench/study.py tune  [--jobs 2]     # the learning-rate grid, seed 0, validation split only
     python bench/study.py run   [--jobs 2]     # every (source, target, strategy, seed) of the grid
     python bench/study.py diagnose [--jobs 2]  # SpotTune variants on one cell (what makes it win or lose)
-    python bench/study.py long  [--jobs 2]     # SpotTune and fine-tuning trained twice as long, MobileNetV2
+    python bench/study.py long  [--jobs 2]     # SpotTune and fine-tuning trained 30 and 60 epochs, MobileNetV2
     python bench/study.py report               # bench/ACCURACY.md and its figures from the run files
 
 Each run is one call of the reference trainer (`python -m spottune_ext.train ...`); its record lands in
-bench/accuracy/{tune,runs,diagnose,long}/<source>__<target>__<strategy>__s<seed>.json with the exact command
+bench/accuracy/{tune,runs,diagnose,long,long60}/<source>__<target>__<strategy>__s<seed>.json with the exact command
 that reproduces it. A run whose record exists is skipped, so an interrupted study resumes where it
 stopped. Settings are chosen on validation accuracy only: `tune` picks each (source, strategy)'s
 learning rate on the tuning target with seed 0, `run` uses it everywhere; the test split is read
@@ -81,9 +81,11 @@ SEARCH = {
     "global_k+init-tuned-0.18": ("global_k", ["--policy-init-tuned", "0.18"]),
 }
 
-# Longer training: SpotTune and fine-tuning at twice the epochs on every MobileNetV2 target (the search found
-# SpotTune's validation accuracy still rising after 15 epochs). The search's runs of the same command are reused.
-LONG_EPOCHS, LONG_SOURCE, LONG_STRATEGIES = 30, "mnv2-imagenet", ("spottune", "finetune")
+# Longer training: SpotTune and fine-tuning at 2x and 4x the epochs on every MobileNetV2 target (the search
+# found SpotTune's validation accuracy still rising after 15 epochs, and again after 30). Records per length
+# in their own folder; the search's runs of the same command are reused.
+LONG_SOURCE, LONG_STRATEGIES = "mnv2-imagenet", ("spottune", "finetune")
+LONG = {30: "long", 60: "long60"}  # epochs: folder
 
 # A handful of images and one epoch: checks the plumbing (`make test`), not the numbers.
 TINY = {"images_per_class": 3, "eval_per_class": 2, "epochs": 1, "batch": 6, "lr_grid": {"r26-fashion": (0.01,)},
@@ -244,20 +246,21 @@ def grid_jobs(out, cfg, threads):
 def long_jobs(out, cfg, threads):
     lrs = chosen_lrs(out, cfg)
     jobs = []
-    for seed in range(cfg["seeds"] or SOURCES[LONG_SOURCE]["seeds"]):
-        for target in cfg["sources"].get(LONG_SOURCE, ()):
-            for strategy in LONG_STRATEGIES:
-                path = out / "long" / record_name(LONG_SOURCE, target, strategy, seed)
-                cmd = command(LONG_SOURCE, target, strategy, seed, lrs[LONG_SOURCE, strategy], cfg,
-                              out / "scratch" / f"long-{path.stem}", threads)
-                meta = {"source": LONG_SOURCE, "target": target, "strategy": strategy, "seed": seed,
-                        "lr": lrs[LONG_SOURCE, strategy]}
-                twin = out / "diagnose" / record_name(LONG_SOURCE, target, f"{strategy}+epochs-{LONG_EPOCHS}", seed)
-                if not path.exists() and twin.exists() and target == DIAGNOSE_TARGET:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps({**json.loads(twin.read_text()), **meta}, indent=1))
-                jobs.append({"path": path, "cmd": with_overrides(cmd, ["--epochs", str(LONG_EPOCHS)]), "meta": meta,
-                             "cfg": cfg})
+    for epochs, folder in LONG.items():
+        for seed in range(cfg["seeds"] or SOURCES[LONG_SOURCE]["seeds"]):
+            for target in cfg["sources"].get(LONG_SOURCE, ()):
+                for strategy in LONG_STRATEGIES:
+                    path = out / folder / record_name(LONG_SOURCE, target, strategy, seed)
+                    cmd = command(LONG_SOURCE, target, strategy, seed, lrs[LONG_SOURCE, strategy], cfg,
+                                  out / "scratch" / f"{folder}-{path.stem}", threads)
+                    meta = {"source": LONG_SOURCE, "target": target, "strategy": strategy, "seed": seed,
+                            "lr": lrs[LONG_SOURCE, strategy]}
+                    twin = out / "diagnose" / record_name(LONG_SOURCE, target, f"{strategy}+epochs-{epochs}", seed)
+                    if not path.exists() and twin.exists() and target == DIAGNOSE_TARGET:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        path.write_text(json.dumps({**json.loads(twin.read_text()), **meta}, indent=1))
+                    jobs.append({"path": path, "cmd": with_overrides(cmd, ["--epochs", str(epochs)]), "meta": meta,
+                                 "cfg": cfg})
     return jobs
 
 
@@ -315,7 +318,8 @@ def main(argv=None):
               f"{TUNE_TARGET}'s validation split, seed 0")
         print(f"diagnosis: {DIAGNOSE_SOURCE} -> {DIAGNOSE_TARGET}, {DIAGNOSE_SEEDS} seeds: {', '.join(VARIANTS)}")
         print(f"search (seed 0; {DIAGNOSE_SEEDS} seeds where validation reaches the strategy's own): {', '.join(SEARCH)}")
-        print(f"long: {', '.join(LONG_STRATEGIES)} at {LONG_EPOCHS} epochs on every {LONG_SOURCE} target")
+        print(f"long: {', '.join(LONG_STRATEGIES)} at {' and '.join(map(str, LONG))} epochs on every {LONG_SOURCE} "
+              f"target")
         return
     if args.action == "report":
         from report_accuracy import write_report

@@ -1,5 +1,6 @@
 """The accuracy study's plumbing (bench/study.py --tiny): records, resuming, the report. Not its numbers."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,11 +67,31 @@ def test_grid_lists_its_settings():
     assert "mnv2-imagenet" in proc.stdout and "5 seeds" in proc.stdout and "global_k" in proc.stdout
 
 
-def test_recipes_learning_rates_are_the_ones_the_study_chose():
+def _study_module():
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import study
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return study
+
+
+def test_recipes_learning_rates_are_the_ones_the_study_chose():
+    study = _study_module()
     from spottune_ext.train import recipes
     assert study.chosen_lrs(study.OUT, study.settings(False)) == recipes.LEARNING_RATES
+
+
+def test_long_runs_have_one_folder_per_length(tmp_path):
+    study = _study_module()
+    shutil.copytree(study.OUT / "tune", tmp_path / "tune")
+    jobs = study.long_jobs(tmp_path, study.settings(False), threads=1)
+    targets = study.SOURCES[study.LONG_SOURCE]["targets"]
+    assert len(jobs) == len(study.LONG) * study.SOURCES[study.LONG_SOURCE]["seeds"] * len(targets) * 2
+    for epochs, folder in study.LONG.items():
+        mine = [j for j in jobs if j["path"].parent == tmp_path / folder]
+        assert {j["meta"]["strategy"] for j in mine} == set(study.LONG_STRATEGIES)
+        assert {j["meta"]["target"] for j in mine} == set(targets)
+        for job in mine:
+            flags = job["cmd"][job["cmd"].index("--epochs"):]
+            assert flags[1] == str(epochs) and job["cmd"].count("--epochs") == 1
