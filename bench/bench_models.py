@@ -11,6 +11,13 @@ Executions (the "impl" of each benchmark; one group per model, batch, routed fra
                    images on one copy can at best cost); inference only.
   policy         : the policy network alone: its forward (inference), its forward and backward
                    (training step, decisions sampled as in training); "matrix" only.
+  split          : the floor of grouped execution at fraction 0.5 without its routing: two plain models
+                   with separate weights (a frozen and a fine-tuned one), each on half of the batch (the
+                   sub-batch sizes every routed block sees), plus the policy network. In training the
+                   same work as grouped execution's exact gradient: the fine-tuned model trains, the
+                   frozen one passes its input gradient back, each half also goes through the other
+                   model under no_grad (the other copy's forward), the policy gets its gradient.
+                   "matrix" only.
   finetune       : standard fine-tuning, every parameter of the plain model trained; training only.
   dense          : SpotTune as the authors run it (execution="dense": both copies on the whole batch).
   grouped_torch  : SpotTune grouped (each image through its chosen copy only), plain-torch row ops.
@@ -52,7 +59,8 @@ Targets (extra_info["targets"], marked by bench/report.py), resnet50, large batc
   GPU (H200, bf16, channels_last, batch 256, 224x224): at 0.5, inference <= 0.556x dense (1.8x the
   throughput) and <= 1/0.85x plain+policy, training step <= 1/1.5x dense, peak memory <= 0.65x dense.
   Matrix, CPU, every model and size: training step <= 0.75x dense and <= 1.35x finetune (1.25x at
-  224x224), inference <= 1.10x plain+policy, the policy's training step <= 0.10x finetune.
+  224x224), inference <= 1.10x plain+policy, the policy's training step <= 0.10x finetune; and the
+  routing's own overhead: training step and inference <= 1.10x split.
 
 cuDNN autotuning: grouped execution gives each routed conv a data-dependent sub-batch size, and with
 torch.backends.cudnn.benchmark on every new size would be autotuned again inside the timed steps. The
@@ -91,8 +99,8 @@ SPOTTUNE = {"dense": ("dense", "auto"), "grouped_torch": ("grouped", "torch"), "
 INFERENCE_IMPLS = ["plain", "plain+policy", *SPOTTUNE]
 TRAIN_IMPLS = ["finetune", *SPOTTUNE]
 if SELECTION == "matrix":
-    INFERENCE_IMPLS = ["plain", "plain+policy", "policy", "dense", "grouped"]
-    TRAIN_IMPLS = ["finetune", "policy", "dense", "grouped"]
+    INFERENCE_IMPLS = ["plain", "plain+policy", "policy", "split", "dense", "grouped"]
+    TRAIN_IMPLS = ["finetune", "policy", "split", "dense", "grouped"]
 COMPILE = SELECTION == "full" or (HAS_CUDA and SELECTION == "targets")
 if COMPILE:
     INFERENCE_IMPLS += [f"{impl}+compile" for impl in INFERENCE_IMPLS]
@@ -123,9 +131,10 @@ def _targets(impl, measure, model, batch, fraction, size):
         if impl == "policy" and measure == "train-step":
             return [{"vs": "finetune", "max_ratio": 0.10}]
         if impl == "grouped" and measure == "train-step":
-            return [{"vs": "dense", "max_ratio": 0.75}, {"vs": "finetune", "max_ratio": 1.25 if size >= 224 else 1.35}]
+            return [{"vs": "dense", "max_ratio": 0.75}, {"vs": "finetune", "max_ratio": 1.25 if size >= 224 else 1.35},
+                    {"vs": "split", "max_ratio": 1.10}]
         if impl == "grouped" and measure == "inference":
-            return [{"vs": "plain+policy", "max_ratio": 1.10}]
+            return [{"vs": "plain+policy", "max_ratio": 1.10}, {"vs": "split", "max_ratio": 1.10}]
         return []
     if impl not in ("grouped", "grouped+compile") or model != "resnet50" or batch != LARGE:
         return []
@@ -163,6 +172,7 @@ class _Case:
         torch.manual_seed(SEED)
         plain = MODELS[model_name]()
         self.plain = plain.to(DEVICE, DTYPE, memory_format=MEMORY_FORMAT).eval()
+        self.other = copy.deepcopy(self.plain) if "split" in INFERENCE_IMPLS else None  # split's second model
         self.spottune = {}
         for impl, (execution, backend) in SPOTTUNE.items():
             torch.manual_seed(SEED)  # the same policy weights in every execution
@@ -220,10 +230,18 @@ def _inference_fn(case, impl, fraction):
     elif base == "policy":
         policy = case.spottune["grouped"].policy.eval()
         fn = lambda: policy(case.x)  # noqa: E731
+    elif base == "split":
+        policy = case.spottune["grouped"].policy.eval()
+        fn = lambda: (_split_forward(case.plain, case.other, case.x), policy(case.x))  # noqa: E731
     else:
         model = case.spottune[base].eval()
         fn = lambda: _spottune_forward(model, case.x, fixed)  # noqa: E731
     return _maybe_compile(fn, impl)
+
+
+def _split_forward(first, second, x):
+    half = round(0.5 * x.shape[0])
+    return torch.cat([first(x[:half]), second(x[half:])])
 
 
 def _train_setup(case, impl, fraction):
@@ -233,6 +251,19 @@ def _train_setup(case, impl, fraction):
     if base == "finetune":
         model = copy.deepcopy(case.plain).requires_grad_(True).eval()
         forward = lambda: model(case.x)  # noqa: E731
+    elif base == "split":
+        model = torch.nn.ModuleDict({"frozen": copy.deepcopy(case.plain).requires_grad_(False),
+                                     "tuned": copy.deepcopy(case.other).requires_grad_(True),
+                                     "policy": case.spottune["grouped"].policy}).train()
+
+        def forward():
+            decided, half = model["policy"](case.x), round(0.5 * case.x.shape[0])
+            # The frozen half passes its input gradient back, as a frozen copy inside a network does.
+            frozen_half = case.x[:half].detach().requires_grad_(True)
+            out = torch.cat([model["frozen"](frozen_half), model["tuned"](case.x[half:])])
+            with torch.no_grad():  # the other copy's forward that the decisions' gradient needs
+                model["frozen"](case.x[half:]), model["tuned"](case.x[:half])
+            return out + (decided - decided.detach()).sum()
     elif base == "policy":  # its decisions (sampled) and their straight-through gradient into the policy
         model = case.spottune["grouped"].policy.train()
         forward = lambda: model(case.x)[:, :, None].expand(-1, -1, NUM_CLASSES).sum(1)  # noqa: E731
@@ -288,7 +319,7 @@ def test_inference(benchmark, model_name, batch, size, fraction, impl):
     with torch.no_grad():
         run()  # warm-up (and compilation)
         out = benchmark(run)
-    logits = out[0] if impl.startswith("plain+policy") else out  # the policy alone: its decisions
+    logits = out[0] if impl.startswith(("plain+policy", "split")) else out  # the policy alone: its decisions
     assert logits.shape[0] == batch and torch.isfinite(logits.float()).all()
     benchmark.extra_info["routed_fraction"] = _routed_fraction(case, impl, fraction)
     if benchmark.stats is not None:

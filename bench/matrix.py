@@ -21,7 +21,11 @@ COLUMNS = [
     ("train: grouped / dense", "train-step", "grouped", "dense"),
     ("train: grouped / fine-tuning", "train-step", "grouped", "finetune"),
     ("train: policy / fine-tuning", "train-step", "policy", "finetune"),
+    ("train: grouped / split", "train-step", "grouped", "split"),
+    ("train: split / fine-tuning", "train-step", "split", "finetune"),
     ("inference: grouped / plain+policy", "inference", "grouped", "plain+policy"),
+    ("inference: grouped / split", "inference", "grouped", "split"),
+    ("inference: split / plain+policy", "inference", "split", "plain+policy"),
     ("inference: grouped / dense", "inference", "grouped", "dense"),
     ("inference: policy / plain", "inference", "policy", "plain"),
 ]

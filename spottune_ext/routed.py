@@ -52,7 +52,9 @@ Whole backbones: ``run_blocks(modules, x, decisions)`` plans every routed block 
 (route_plan with chain=True, one host copy of the sub-batch sizes per forward), permutes the input
 once, and lets each routed block write its output rows straight into the order the next routed
 block wants; the last one writes batch order. Modules between routed blocks see rows in permuted
-order, which per-sample layers and BatchNorm statistics do not notice.
+order, which per-sample layers and BatchNorm statistics do not notice. A block whose images all take
+one copy keeps batch order; without autograd, a run of such blocks executes as the plain network
+(no gather, no combine).
 """
 from copy import deepcopy
 from typing import Iterable
@@ -285,7 +287,7 @@ class RoutedBlock(nn.Module):
         return (mask * tuned + (1 - mask) * frozen).to(tuned.dtype)
 
     def forward_planned(self, x_perm: torch.Tensor, n_frozen: int, order: torch.Tensor, dest: torch.Tensor,
-                        decision: torch.Tensor) -> torch.Tensor:
+                        decision: torch.Tensor, dest_is_identity: bool = False) -> torch.Tensor:
         """The block on rows already in its route order (the step run_blocks chains).
 
         Args:
@@ -295,11 +297,16 @@ class RoutedBlock(nn.Module):
             order: [B] int64, the image (batch index) of each row.
             dest: [B] int64, a permutation: row i of the result is written to row dest[i] of the output.
             decision: [B] decisions in batch order (only used for its gradient, and by dense execution).
+            dest_is_identity: the caller knows that dest is range(B) (a host fact; False when unknown).
+                Without autograd, a block whose images all take one copy then runs that copy as the
+                torchvision block does, without a combine.
         """
         if self.execution == "dense":
             out = self._dense(x_perm, decision.index_select(0, order))
             return combine_rows(out, out[:0], dest, None, False, backend=self.backend)
         grad_enabled = torch.is_grad_enabled()
+        if dest_is_identity and not grad_enabled and n_frozen in (0, x_perm.shape[0]):
+            return self._block(self.frozen if n_frozen else self.tuned, x_perm, True)
         out = self._routes(x_perm, n_frozen, dest, swap=False, update_stats=True, keep_empty=grad_enabled)
         if grad_enabled and decision.requires_grad:
             out = _DecisionGradient.apply(out, decision, x_perm, order, dest, self, n_frozen)
@@ -312,10 +319,11 @@ class RoutedBlock(nn.Module):
             return self._dense(x, decision)
         plan = route_plan(decision.detach().unsqueeze(1), chain=False, backend=self.backend)
         n_frozen = x.shape[0] - plan.counts[0]
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and n_frozen in (0, x.shape[0]):
-            return self._block(self.frozen if n_frozen else self.tuned, x, True)
         order, dest = plan.order[0], plan.dest[0]
-        return self.forward_planned(gather_rows(x, order, backend=self.backend), n_frozen, order, dest, decision)
+        # One route for every image: the plan is the identity and the rows need no permuting.
+        uniform = _uniform(n_frozen, x.shape[0])
+        x_perm = x if uniform else gather_rows(x, order, backend=self.backend)
+        return self.forward_planned(x_perm, n_frozen, order, dest, decision, dest_is_identity=uniform)
 
 
 class RoutedBasicBlock(RoutedBlock):
@@ -375,7 +383,9 @@ def run_blocks(modules: Iterable[nn.Module], x: torch.Tensor, decisions: torch.T
     One route_plan (chain=True) plans every routed block and brings all sub-batch sizes to the host
     in one copy; the rows are permuted once, before the first routed block, and each routed block
     writes its output in the order of the next one, the last in batch order. Modules before the
-    first routed block see batch order, those between routed blocks a permuted order.
+    first routed block see batch order, those between routed blocks a permuted order. A block whose
+    images all take one copy has batch order: the first one is not gathered, and without autograd
+    one whose next routed block also has batch order runs its copy as the torchvision block does.
 
     Args:
         modules: the modules to run (e.g. a ResNet's blocks); RoutedBlock instances are routed, the
@@ -392,17 +402,25 @@ def run_blocks(modules: Iterable[nn.Module], x: torch.Tensor, decisions: torch.T
                      f"(one column per routed block)", x.device)
     if n_routed:
         plan = route_plan(decisions.detach(), chain=True, backend=backend)
+        # A block whose images all take one copy has the identity order; its dest is the identity when
+        # the next routed block's order is too (or when it is the last).
+        uniform = [_uniform(x.shape[0] - count, x.shape[0]) for count in plan.counts] + [True]
     routed = 0
     for module in modules:
         if not isinstance(module, RoutedBlock):
             x = module(x)
             continue
-        if routed == 0:
+        if routed == 0 and not uniform[0]:
             x = gather_rows(x, plan.order[0], backend=backend)
         x = module.forward_planned(x, x.shape[0] - plan.counts[routed], plan.order[routed], plan.dest[routed],
-                                   decisions[:, routed])
+                                   decisions[:, routed], dest_is_identity=uniform[routed] and uniform[routed + 1])
         routed += 1
     return x
+
+
+def _uniform(n_frozen, batch: int) -> bool:
+    """Whether every image takes one copy: a host fact, never known when traced (the sizes are symbols)."""
+    return not torch.compiler.is_compiling() and n_frozen in (0, batch)
 
 
 def _storages(module: nn.Module) -> set:

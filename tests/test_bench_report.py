@@ -65,10 +65,13 @@ def _matrix_run():
         for measure, impl, median, targets in (
                 ("train-step", "finetune", 1.0, []), ("train-step", "dense", 2.0, []),
                 ("train-step", "grouped", grouped_train, [{"vs": "dense", "max_ratio": 0.75},
-                                                          {"vs": "finetune", "max_ratio": 1.25 if size == 224 else 1.35}]),
+                                                          {"vs": "finetune", "max_ratio": 1.25 if size == 224 else 1.35},
+                                                          {"vs": "split", "max_ratio": 1.1}]),
                 ("train-step", "policy", 0.05, [{"vs": "finetune", "max_ratio": 0.1}]),
+                ("train-step", "split", 1.1, []),
                 ("inference", "plain", 0.3, []), ("inference", "plain+policy", 0.32, []),
-                ("inference", "dense", 0.6, []), ("inference", "grouped", 0.4, [{"vs": "plain+policy", "max_ratio": 1.1}]),
+                ("inference", "split", 0.384, []), ("inference", "dense", 0.6, []),
+                ("inference", "grouped", 0.4, [{"vs": "plain+policy", "max_ratio": 1.1}, {"vs": "split", "max_ratio": 1.1}]),
                 ("inference", "policy", 0.02, [])):
             benches.append(_bench(f"resnet18 {size}px b32 fraction 0.5: {measure}", impl, median, model="resnet18",
                                   size=size, batch=32, measure=measure, fraction=0.5, targets=targets))
@@ -79,9 +82,10 @@ def test_matrix_summary(tmp_path):
     matrix = _load("matrix")
     text = matrix.render(_matrix_run())
     assert ("| resnet18 | 64x64 | 32 | 0.60 (≤ 0.75: met) | 1.20 (≤ 1.35: met) | 0.05 (≤ 0.1: met) | "
-            "1.25 (≤ 1.1: MISSED) | 0.67 | 0.07 |") in text
-    assert "| resnet18 | 224x224 | 32 | 0.65 (≤ 0.75: met) | 1.30 (≤ 1.25: MISSED) |" in text
-    assert "Targets: 5 met, 3 missed." in text
+            "1.09 (≤ 1.1: met) | 1.10 | 1.25 (≤ 1.1: MISSED) | 1.04 (≤ 1.1: met) | 1.20 | 0.67 | 0.07 |") in text
+    assert ("| resnet18 | 224x224 | 32 | 0.65 (≤ 0.75: met) | 1.30 (≤ 1.25: MISSED) | 0.05 (≤ 0.1: met) | "
+            "1.18 (≤ 1.1: MISSED) |") in text
+    assert "Targets: 8 met, 4 missed." in text
     matrix.plot(_matrix_run(), tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -79,7 +79,10 @@ def _decisions(batch, kind, seed=0, columns=None):
     if kind == "ones":
         return torch.ones(shape)
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, shape, generator=g).float()
+    random = torch.randint(0, 2, shape, generator=g).float()
+    if kind == "mixed":  # columns with one route for every image next to random ones, in every order
+        random[:, 0::4], random[:, 1::4] = 1.0, 0.0
+    return random
 
 
 def _dense_copy(routed):
@@ -458,7 +461,7 @@ def _dense_chain(modules, x, decisions):
 
 
 CHAIN_CASES = [(f, b, k) for f in (_resnet18_blocks, _bottleneck_blocks)
-               for b, k in ((5, "random"), (1, "random"), (3, "zeros"), (3, "ones"))]
+               for b, k in ((5, "random"), (1, "random"), (3, "zeros"), (3, "ones"), (4, "mixed"))]
 CHAIN_CASES += [(_mobilenet_blocks, 5, "random"), (_mobilenet_blocks, 2, "ones")]  # float64 depthwise convs are slow
 
 
@@ -518,6 +521,40 @@ def test_run_blocks_plans_once_and_gathers_once(monkeypatch):
     d = _decisions(4, "random", columns=8).requires_grad_(True)
     run_blocks(modules, x, d).sum().backward()
     assert calls == {"route_plan": 1, "gather_rows": 1}
+
+
+def test_run_blocks_one_route_inference_runs_the_blocks_as_torchvision(monkeypatch):
+    _, modules = _resnet18_blocks(4)
+    for m in modules:
+        m.eval()
+        _perturb(m.tuned, 0.05)
+    calls = {"gather_rows": 0, "combine_rows": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name in calls:
+        monkeypatch.setattr(routed_module, name, counting(name, getattr(routed_module, name)))
+    x = torch.randn(3, 64, 8, 8)
+    d = torch.tensor([[1.0, 0, 0, 1, 1, 1, 0, 1]]).expand(3, -1)  # one route per block, both copies used
+    with torch.no_grad():
+        out = run_blocks(modules, x, d)
+    # every block's rows stay in batch order: no gather, no combine, and the copies' own results
+    assert calls == {"gather_rows": 0, "combine_rows": 0}
+    expected = x
+    for m, column in zip(modules, d[0]):
+        expected = (m.tuned if column else m.frozen)(expected)
+    assert torch.equal(out, expected)
+    # a random block in the middle: the uniform blocks beside it combine into its order
+    d = d.clone()
+    d[:, 4] = torch.tensor([1.0, 0, 1])
+    with torch.no_grad():
+        out = run_blocks(modules, x, d)
+    assert calls == {"gather_rows": 0, "combine_rows": 2}  # blocks 3 (into block 4's order) and 4
+    torch.testing.assert_close(out, _dense_chain(modules, x, d), rtol=1e-5, atol=1e-5)
 
 
 def test_run_blocks_with_non_routed_modules_between():
