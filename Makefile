@@ -42,8 +42,9 @@ bench-full: setup
 	  --out bench/e2e_$$dev.md
 
 # bench/RESULTS.md from one run on this machine: the op and block benchmarks, the end-to-end cases the
-# targets need with the throughput plot, the matrix of models and image sizes (bench/matrix.py) and the
-# profile of a grouped training step (bench/profile_step.py): the better part of an hour on 2 CPU cores,
+# targets need with the throughput plot, the matrix of models and image sizes (bench/matrix.py), its
+# small-image rows timed interleaved (bench/interleaved.py) and the profile of a grouped training step
+# (bench/profile_step.py): the better part of an hour on 2 CPU cores,
 # with minutes of compilation for each compiled case.
 results: setup
 	$(PYTEST) bench/bench_gumbel_st.py bench/bench_route_ops.py bench/bench_routed.py -q --benchmark-json=bench/ops_run.json
@@ -52,10 +53,14 @@ results: setup
 	$(PY) bench/plot.py bench/models_run.json --out bench/throughput_cpu.png
 	$(PY) bench/matrix.py bench/matrix_run.json --figure bench/matrix_cpu.png --out bench/matrix_cpu.md
 	$(PY) bench/profile_step.py --size 64 --batch 32 --out bench/profile_cpu.md
+	$(PY) bench/interleaved.py --size 32 --batch 32 --out bench/interleaved_32.md
+	$(PY) bench/interleaved.py --size 64 --batch 32 --out bench/interleaved_64.md
 	$(PY) bench/report.py bench/ops_run.json bench/models_run.json --preamble bench/RESULTS_preamble.md \
 	  --title "Ops and routed blocks, CPU" --title "End to end, CPU (ResNet-50 and MobileNetV2, batch 16, 112x112)" \
 	  --figure throughput_cpu.png \
 	  --include "Image sizes and models, CPU (fraction 0.5; ratios of medians)=bench/matrix_cpu.md" \
+	  --include "Interleaved check at 32x32, CPU=bench/interleaved_32.md" \
+	  --include "Interleaved check at 64x64, CPU=bench/interleaved_64.md" \
 	  --include "Profile of a grouped training step, CPU (64x64, batch 32)=bench/profile_cpu.md" --out bench/RESULTS.md
 
 # The accuracy study (bench/study.py list shows its grid): bench/accuracy/ run records, then

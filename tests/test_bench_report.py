@@ -1,5 +1,8 @@
-"""bench/report.py and bench/plot.py on a small hand-made pytest-benchmark run."""
+"""bench/report.py, bench/plot.py and bench/matrix.py on small hand-made pytest-benchmark runs; bench/interleaved.py
+on a tiny case."""
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,19 @@ def test_report_includes_sections(tmp_path, monkeypatch):
     _load("report").main()
     text = out.read_text()
     assert text.index("## Ops") < text.index("## Matrix, CPU\n\n| a | b |")
+
+
+def test_interleaved_table(tmp_path):
+    # A subprocess: bench/interleaved.py selects the matrix's executions through the environment.
+    out = tmp_path / "interleaved.md"
+    subprocess.run([sys.executable, str(BENCH / "interleaved.py"), "--size", "32", "--batch", "4", "--rounds", "3",
+                    "--models", "resnet26", "--out", str(out)], check=True, cwd=BENCH.parent, timeout=600)
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("3 interleaved rounds, 32x32, batch 4, fraction 0.5")
+    header, row = lines[2], lines[4]
+    assert "train: grouped / split" in header and "inference: split / plain+policy" in header
+    cells = row.strip("|").split("|")
+    assert cells[0].strip() == "resnet26" and len(cells) == header.count("|") - 1
+    for cell in cells[1:]:  # median [q1, q3] of per-round time ratios
+        median, q1, q3 = (float(v) for v in cell.replace("[", "").replace("]", "").replace(",", "").split())
+        assert 0 < q1 <= median <= q3
