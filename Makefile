@@ -43,9 +43,9 @@ bench-full: setup
 
 # bench/RESULTS.md from one run on this machine: the op and block benchmarks, the end-to-end cases the
 # targets need with the throughput plot, the matrix of models and image sizes (bench/matrix.py), its
-# small-image rows timed interleaved (bench/interleaved.py) and the profile of a grouped training step
-# (bench/profile_step.py): the better part of an hour on 2 CPU cores,
-# with minutes of compilation for each compiled case.
+# rows at 32x32 and 64x64 timed interleaved (bench/interleaved.py) and the profile of a grouped
+# training step (bench/profile_step.py): the better part of an hour on 2 CPU cores, with minutes of
+# compilation for each compiled case.
 results: setup
 	$(PYTEST) bench/bench_gumbel_st.py bench/bench_route_ops.py bench/bench_routed.py -q --benchmark-json=bench/ops_run.json
 	SPOTTUNE_BENCH=targets $(PYTEST) bench/bench_models.py -q --benchmark-json=bench/models_run.json
