@@ -502,11 +502,9 @@ def test_run_blocks_matches_dense_chain(factory, batch, kind):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
-def test_run_blocks_plans_once_and_gathers_once(monkeypatch):
-    _, modules = _resnet18_blocks(1)
-    for m in modules:
-        m.eval()
-    calls = {"route_plan": 0, "gather_rows": 0}
+def _count_calls(monkeypatch, *names):
+    """Counts the calls routed.py makes to these functions, in a dict updated as they happen."""
+    calls = dict.fromkeys(names, 0)
 
     def counting(name, fn):
         def wrapped(*args, **kwargs):
@@ -514,8 +512,16 @@ def test_run_blocks_plans_once_and_gathers_once(monkeypatch):
             return fn(*args, **kwargs)
         return wrapped
 
-    for name in calls:
+    for name in names:
         monkeypatch.setattr(routed_module, name, counting(name, getattr(routed_module, name)))
+    return calls
+
+
+def test_run_blocks_plans_once_and_gathers_once(monkeypatch):
+    _, modules = _resnet18_blocks(1)
+    for m in modules:
+        m.eval()
+    calls = _count_calls(monkeypatch, "route_plan", "gather_rows")
     modules.insert(3, nn.Identity())  # a non-routed module between routed blocks
     x = torch.randn(4, 64, 4, 4)
     d = _decisions(4, "random", columns=8).requires_grad_(True)
@@ -528,16 +534,7 @@ def test_run_blocks_one_route_inference_runs_the_blocks_as_torchvision(monkeypat
     for m in modules:
         m.eval()
         _perturb(m.tuned, 0.05)
-    calls = {"gather_rows": 0, "combine_rows": 0}
-
-    def counting(name, fn):
-        def wrapped(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapped
-
-    for name in calls:
-        monkeypatch.setattr(routed_module, name, counting(name, getattr(routed_module, name)))
+    calls = _count_calls(monkeypatch, "gather_rows", "combine_rows")
     x = torch.randn(3, 64, 8, 8)
     d = torch.tensor([[1.0, 0, 0, 1, 1, 1, 0, 1]]).expand(3, -1)  # one route per block, both copies used
     with torch.no_grad():
